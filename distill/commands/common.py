@@ -1,0 +1,76 @@
+"""Flags several commands share: the teacher, the cache, sampling."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from synth.errors import ConfigError, describe_validation_error
+from synth.teachers import SamplingParams, TeacherConfig, parse_teacher_spec
+
+
+def add_teacher_flags(parser: argparse.ArgumentParser) -> None:
+    """--teacher SPEC and the overrides of its config."""
+    g = parser.add_argument_group("teacher")
+    g.add_argument("--teacher", default="embedded", metavar="SPEC",
+                   help="embedded (default: the bundled SmolLM2-135M-Instruct), hf:PATH, vllm:MODEL, openai:MODEL@BASE_URL, or a teacher .yaml file")
+    g.add_argument("--concurrency", type=int, help="requests in flight at once")
+    g.add_argument("--batch-size", type=int, help="prompts per batch (local backends)")
+    g.add_argument("--timeout", type=float, help="seconds per request (openai)")
+    g.add_argument("--max-retries", type=int, help="retries of transient failures (openai)")
+    g.add_argument("--api-key-env", help="environment variable holding the API key (openai)")
+
+
+def teacher_config(args: argparse.Namespace) -> TeacherConfig:
+    """The teacher config from --teacher, with any overrides applied."""
+    config = parse_teacher_spec(args.teacher)
+    overrides = {
+        key: getattr(args, key)
+        for key in ("concurrency", "batch_size", "timeout", "max_retries", "api_key_env")
+        if getattr(args, key, None) is not None
+    }
+    return config.model_copy(update=overrides) if overrides else config
+
+
+def add_cache_flags(parser: argparse.ArgumentParser) -> None:
+    """--cache-dir, --no-cache, --refresh."""
+    g = parser.add_argument_group("response cache")
+    g.add_argument("--cache-dir", type=Path, help="where responses are stored (default: $BBD_RESPONSE_CACHE or ~/.cache/blackbox-distill/responses)")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--no-cache", dest="cache_mode", action="store_const", const="off", help="neither read nor store responses")
+    mode.add_argument("--refresh", dest="cache_mode", action="store_const", const="refresh", help="ask the teacher again and overwrite cached responses")
+    parser.set_defaults(cache_mode="use")
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser, **defaults) -> None:
+    """-n, --temperature, --top-p, --max-tokens, --seed, --stop, --logprobs, --json-schema."""
+    base = SamplingParams(**defaults)
+    g = parser.add_argument_group("sampling")
+    g.add_argument("-n", type=int, default=base.n, help=f"samples per input (default {base.n})")
+    g.add_argument("--temperature", type=float, default=base.temperature, help=f"0 is greedy (default {base.temperature})")
+    g.add_argument("--top-p", type=float, default=base.top_p, help=f"nucleus sampling (default {base.top_p})")
+    g.add_argument("--max-tokens", type=int, default=base.max_tokens, help=f"longest answer (default {base.max_tokens})")
+    g.add_argument("--seed", type=int, default=base.seed, help="base seed; sample i uses seed+i")
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--logprobs", type=int, metavar="K", help="store the teacher's top-K logprobs per token (soft labels)")
+    g.add_argument("--json-schema", type=Path, metavar="FILE", help="ask for JSON matching this JSON Schema file; invalid answers are resampled once, then rejected")
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """SamplingParams from the sampling flags; a bad value is a ConfigError naming the flag."""
+    schema = None
+    if args.json_schema is not None:
+        try:
+            schema = json.loads(Path(args.json_schema).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{args.json_schema}: not a readable JSON Schema file: {exc}") from None
+    try:
+        return SamplingParams(
+            n=args.n, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+            seed=args.seed, stop=args.stop, logprobs=args.logprobs, json_schema=schema,
+        )
+    except ValidationError as exc:
+        raise ConfigError(f"sampling flags: {describe_validation_error(exc, 'flag')}") from None

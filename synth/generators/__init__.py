@@ -1,0 +1,1 @@
+"""Generators: each turns one input into chat messages and one response into records or rejects."""

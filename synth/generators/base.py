@@ -1,0 +1,75 @@
+"""The Generator contract: no I/O and no retries inside; the runner owns those."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from synth.records import Provenance, Reject, stable_id
+from synth.teachers.base import ChatRequest, ChatResponse, Message, SamplingParams
+
+
+@dataclass
+class Outcome:
+    """What one response became: records, rejects, and how many fresh samples to ask for instead of bad ones."""
+
+    records: list[BaseModel] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+    resample: int = 0
+
+
+@dataclass
+class Task:
+    """One unit of work: an input, its request and its stable id."""
+
+    id: str
+    request: ChatRequest
+    input: Any
+    where: str = ""
+
+
+class Generator(abc.ABC):
+    """Declares its input model, template and parameters; builds messages; parses responses."""
+
+    #: Name written into provenance and record ids.
+    method: str = ""
+    #: Pydantic model each input line is validated against before any work starts.
+    input_model: type[BaseModel]
+
+    def __init__(self, params: SamplingParams, teacher_name: str, template=None):
+        self.params = params
+        self.teacher_name = teacher_name
+        self.template = template
+
+    @abc.abstractmethod
+    def messages(self, item: BaseModel, where: str) -> list[Message]:
+        """The chat sent to the teacher for one input; `where` (file:line) names it in errors."""
+
+    @abc.abstractmethod
+    def parse(self, task: Task, request: ChatRequest, response: ChatResponse, final: bool) -> Outcome:
+        """Turn a response into records; when not `final`, may ask for fresh samples instead of unparsable ones."""
+
+    def task_id(self, item: BaseModel) -> str:
+        """Stable hash of (input, method, template, parameters)."""
+        template_hash = self.template.hash if self.template else None
+        return stable_id(item.model_dump(mode="json"), self.method, template_hash, self.params.model_dump(mode="json"))
+
+    def make_task(self, item: BaseModel, where: str) -> Task:
+        """Build the task for one input."""
+        request = ChatRequest(messages=self.messages(item, where), params=self.params)
+        return Task(id=self.task_id(item), request=request, input=item, where=where)
+
+    def provenance(self, task: Task, sample: int | None) -> Provenance:
+        """Provenance for a record made from `task`."""
+        return Provenance(
+            teacher=self.teacher_name,
+            method=self.method,
+            template=self.template.name if self.template else None,
+            template_hash=self.template.hash if self.template else None,
+            params=self.params.model_dump(mode="json", exclude_none=True),
+            task=task.id,
+            sample=sample,
+        )

@@ -1,0 +1,186 @@
+"""JSON Lines in (errors name file:line and field) and crash-safe, resumable output.
+
+Output goes first to a journal beside the target (`out.jsonl.partial`), one line
+per finished task holding its records and rejects. A crash can cut at most the
+last line, which resume drops. When every task is done the journal is split into
+`out.jsonl` and `out.rejects.jsonl`, each written to a temp file and renamed, so
+the outputs a user sees are always whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from pydantic import BaseModel, ValidationError
+
+from synth.errors import InputError, describe_validation_error
+from synth.records import RECORD_TYPES, Reject
+
+
+def read_jsonl(path: str | Path, schema: type[BaseModel] | None = None) -> Iterator[tuple[int, Any]]:
+    """Yield (line number, object) for each non-blank line; validated into `schema` when given.
+
+    Raises InputError naming `file:line` and the field at the first bad line, and for an empty file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    seen = False
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a BOM from Windows editors is harmless
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{path}:{lineno}: not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1})") from None
+            if not text.strip():
+                continue
+            seen = True
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+            if schema is not None:
+                if not isinstance(obj, dict):
+                    raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                try:
+                    obj = schema.model_validate(obj)
+                except ValidationError as exc:
+                    raise InputError(f"{path}:{lineno}: {describe_validation_error(exc)}") from None
+            yield lineno, obj
+    if not seen:
+        raise InputError(f"{path}: file is empty (no JSON lines)")
+
+
+def rejects_path(output: str | Path) -> Path:
+    """Where the rejects of `output` go: `out.jsonl` → `out.rejects.jsonl`."""
+    output = Path(output)
+    stem = output.name[: -len(".jsonl")] if output.name.endswith(".jsonl") else output.name
+    return output.with_name(stem + ".rejects.jsonl")
+
+
+def write_jsonl_atomic(path: str | Path, rows: Iterable[dict[str, Any] | BaseModel]) -> int:
+    """Write rows to `path` through a temp file and a rename; returns the row count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    count = 0
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(_line(row))
+                count += 1
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return count
+
+
+def _line(row: dict[str, Any] | BaseModel) -> str:
+    if isinstance(row, BaseModel):
+        return row.model_dump_json(exclude_none=True) + "\n"
+    return json.dumps(row, ensure_ascii=False) + "\n"
+
+
+class TaskJournal:
+    """The resumable record of finished tasks behind one output file."""
+
+    def __init__(self, output: str | Path):
+        self.output = Path(output)
+        self.path = self.output.with_name(self.output.name + ".partial")
+        self.done: set[str] = set()
+        self._fh = None
+
+    def open(self) -> set[str]:
+        """Open for appending, after recovering from any crash; returns the ids of finished tasks.
+
+        A cut last line is dropped, and so are tasks that ended in a teacher error: nothing
+        was paid for them, so a rerun tries them again.
+        """
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            kept = self.path.with_name(self.path.name + ".recover")
+            with self.path.open("rb") as src, kept.open("wb") as dst:
+                for raw in src:
+                    if not raw.endswith(b"\n"):
+                        break  # the line a crash cut short
+                    entry = json.loads(raw)
+                    if entry.get("retry"):
+                        continue
+                    self.done.add(entry["task"])
+                    dst.write(raw)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(kept, self.path)
+        self._fh = self.path.open("a", encoding="utf-8")
+        return set(self.done)
+
+    def add(self, task: str, records: list[BaseModel], rejects: list[Reject]) -> bool:
+        """Append one finished task as a single line, flushed to the OS; True when it failed and a rerun retries it."""
+        entry = {
+            "task": task,
+            "retry": bool(rejects) and not records and all(r.error for r in rejects),
+            "records": [r.model_dump(mode="json", exclude_none=True) for r in records],
+            "rejects": [r.model_dump(mode="json", exclude_none=True) for r in rejects],
+        }
+        self._fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self._fh.flush()
+        self.done.add(task)
+        return entry["retry"]
+
+    def finalize(self) -> tuple[int, int]:
+        """Split the journal into the output and rejects files and remove it; returns their counts."""
+        self._fh.close()
+        counts = [0, 0]
+
+        def pick(field: str, slot: int) -> Iterator[dict[str, Any]]:
+            with self.path.open(encoding="utf-8") as fh:
+                for raw in fh:
+                    for row in json.loads(raw)[field]:
+                        counts[slot] += 1
+                        yield row
+
+        write_jsonl_atomic(self.output, pick("records", 0))
+        write_jsonl_atomic(rejects_path(self.output), pick("rejects", 1))
+        self.path.unlink()
+        return counts[0], counts[1]
+
+    def close(self) -> None:
+        """Close without finalizing: the journal stays for the next run to resume."""
+        if self._fh is not None and not self._fh.closed:
+            self._fh.close()
+
+
+def load_records(path: str | Path) -> Iterator[BaseModel]:
+    """Read records written by a generator, each into its model by its `kind`."""
+    for lineno, obj in read_jsonl(path):
+        kind = obj.get("kind", "sft") if isinstance(obj, dict) else None
+        model = RECORD_TYPES.get(kind)
+        if model is None:
+            raise InputError(f"{path}:{lineno}: field 'kind': unknown record kind {kind!r}")
+        try:
+            yield model.model_validate(obj)
+        except ValidationError as exc:
+            raise InputError(f"{path}:{lineno}: {describe_validation_error(exc)}") from None
+
+
+def to_hf_dataset(path: str | Path):
+    """A `datasets.Dataset` in TRL's columns (`messages`; `prompt`/`completion`; `prompt`/`chosen`/`rejected`)."""
+    from datasets import Dataset
+
+    rows = []
+    shape = None
+    for record in load_records(path):
+        row = record.to_trl()
+        if shape is None:
+            shape = set(row)
+        elif set(row) != shape:
+            raise InputError(f"{path}: mixes record formats {sorted(shape)} and {sorted(row)}; split them first")
+        rows.append({"id": record.id, **row})
+    return Dataset.from_list(rows)

@@ -1,0 +1,94 @@
+"""The live progress line: tasks, requests/s, tokens, cache hits, retries, rejects, cost."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.live import Live
+from rich.text import Text
+
+
+@dataclass
+class JobCounts:
+    """What a job has done so far."""
+
+    total: int | None = None
+    done: int = 0
+    skipped: int = 0
+    records: int = 0
+    rejects: int = 0
+    failed: int = 0
+    first_error: str = ""
+
+
+class ProgressLine:
+    """Redraws one status line on a terminal, or logs one every `log_every` seconds elsewhere."""
+
+    def __init__(self, label: str, teacher, counts: JobCounts, *, enabled: bool = True, prices=(None, None), log_every: float = 10.0):
+        self.label = label
+        self.teacher = teacher
+        self.counts = counts
+        self.enabled = enabled
+        self.prices = prices
+        self.log_every = log_every
+        self.console = Console(stderr=True)
+        self.start = time.monotonic()
+        self._task: asyncio.Task | None = None
+
+    def render(self) -> str:
+        """The status line as text."""
+        c, s = self.counts, self.teacher.stats
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        total = f"/{c.total}" if c.total is not None else ""
+        parts = [
+            f"{self.label} {c.done + c.skipped}{total} tasks",
+            f"{s.requests_sent / elapsed:.1f} req/s",
+            f"{s.prompt_tokens + s.completion_tokens:,} tok",
+            f"cached {self.teacher.cache_stats.hits}",
+            f"retries {s.retries}",
+            f"records {c.records}",
+            f"rejects {c.rejects}",
+        ]
+        if c.skipped:
+            parts.append(f"resumed {c.skipped}")
+        cost = self.cost()
+        if cost is not None:
+            parts.append(f"${cost:.4f}")
+        return " | ".join(parts)
+
+    def cost(self) -> float | None:
+        """Estimated spend so far, when prices are configured."""
+        pin, pout = self.prices
+        if pin is None and pout is None:
+            return None
+        s = self.teacher.stats
+        return (s.prompt_tokens * (pin or 0) + s.completion_tokens * (pout or 0)) / 1e6
+
+    async def __aenter__(self) -> "ProgressLine":
+        if self.enabled:
+            self._task = asyncio.create_task(self._loop())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self.enabled:
+            self.console.print(self.render(), highlight=False)
+
+    async def _loop(self) -> None:
+        if sys.stderr.isatty():
+            with Live(Text(self.render()), console=self.console, transient=True, refresh_per_second=4) as live:
+                while True:
+                    await asyncio.sleep(0.25)
+                    live.update(Text(self.render()))
+        while True:
+            await asyncio.sleep(self.log_every)
+            self.console.print(self.render(), highlight=False)

@@ -1,0 +1,97 @@
+"""Runs tasks through a (cached) teacher: concurrency, resampling, the journal, progress."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable, Iterable
+
+from synth.generators.base import Outcome, Task
+from synth.io import TaskJournal
+from synth.progress import JobCounts
+from synth.records import Reject
+from synth.teachers.base import ChatRequest, ChatResponse, Teacher, TeacherError
+
+#: parse(task, request sent, response, final) -> Outcome
+ParseFn = Callable[[Task, ChatRequest, ChatResponse, bool], Outcome]
+
+
+class Runner:
+    """Keeps `concurrency` batches of up to `batch_size` requests in flight, streaming over the tasks."""
+
+    def __init__(self, teacher: Teacher, journal: TaskJournal, counts: JobCounts, *, max_resamples: int = 1):
+        self.teacher = teacher
+        self.journal = journal
+        self.counts = counts
+        self.max_resamples = max_resamples
+
+    async def run(self, tasks: Iterable[Task], parse: ParseFn) -> None:
+        """Process every task not already in the journal; returns when all are written."""
+        done = set(self.journal.done)
+        workers = max(1, self.teacher.concurrency)
+        # A bounded window keeps memory flat however many tasks there are.
+        queue: asyncio.Queue = asyncio.Queue(maxsize=workers * self.teacher.batch_size * 2)
+
+        async def produce() -> None:
+            for task in tasks:
+                if task.id in done:
+                    self.counts.skipped += 1
+                    continue
+                done.add(task.id)  # the same input twice is the same work: do it once
+                await queue.put(task)
+            for _ in range(workers):
+                await queue.put(None)
+
+        async def work() -> None:
+            finished = False
+            while not finished:
+                first = await queue.get()
+                if first is None:
+                    return
+                batch = [first]
+                while len(batch) < self.teacher.batch_size:
+                    try:
+                        nxt = queue.get_nowait()
+                    except asyncio.QueueEmpty:
+                        break
+                    if nxt is None:
+                        finished = True
+                        break
+                    batch.append(nxt)
+                results = await self.teacher.generate([t.request for t in batch])
+                for task, result in zip(batch, results):
+                    await self._finish(task, result, parse)
+
+        producer = asyncio.create_task(produce())
+        try:
+            await asyncio.gather(producer, *(work() for _ in range(workers)))
+        finally:
+            producer.cancel()
+
+    async def _finish(self, task: Task, result: ChatResponse | TeacherError, parse: ParseFn) -> None:
+        records, rejects = [], []
+        request = task.request
+        for attempt in range(self.max_resamples + 1):
+            if isinstance(result, TeacherError):
+                rejects.append(Reject(task=task.id, reason=result.reason, input=_dump(task.input), error=True))
+                break
+            outcome = parse(task, request, result, attempt == self.max_resamples)
+            records.extend(outcome.records)
+            rejects.extend(outcome.rejects)
+            if not outcome.resample:
+                break
+            # Fresh samples get new indices (new cache keys); the bad ones stay cached, unused.
+            offset = request.sample_offset + request.params.n
+            request = request.model_copy(
+                update={"params": request.params.model_copy(update={"n": outcome.resample}), "sample_offset": offset}
+            )
+            (result,) = await self.teacher.generate([request])
+        if self.journal.add(task.id, records, rejects):
+            self.counts.failed += 1
+            self.counts.first_error = self.counts.first_error or rejects[0].reason
+        self.counts.done += 1
+        self.counts.records += len(records)
+        self.counts.rejects += len(rejects)
+
+
+def _dump(value):
+    return value.model_dump(mode="json", exclude_none=True) if hasattr(value, "model_dump") else value

@@ -1,0 +1,190 @@
+"""The Teacher protocol and the request/response types every backend shares.
+
+A teacher takes a batch of chat requests and returns, per request, either a
+`ChatResponse` with exactly `params.n` completions or a `TeacherError`. Backends
+differ only inside `generate`; caching, resume and progress live elsewhere.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Message(BaseModel):
+    """One chat turn."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class SamplingParams(BaseModel):
+    """How to sample; every field except `n` is part of the cache key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: float = Field(0.7, ge=0.0, description="0 means greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(512, ge=1)
+    n: int = Field(1, ge=1, description="Completions per request.")
+    seed: int | None = Field(None, description="Base seed; sample i uses seed + i.")
+    stop: list[str] | None = None
+    logprobs: int | None = Field(None, ge=0, le=20, description="Top-k logprobs per generated token.")
+    json_schema: dict[str, Any] | None = Field(None, description="Ask for JSON output matching this schema.")
+
+    def cache_fields(self) -> dict[str, Any]:
+        """The parameters that change what one sample looks like (all but n)."""
+        return self.model_dump(exclude={"n"})
+
+    def sample_seed(self, index: int) -> int | None:
+        """The seed of sample `index`, so a resumed request reproduces the same samples."""
+        return None if self.seed is None else self.seed + index
+
+
+class ChatRequest(BaseModel):
+    """A chat to complete `params.n` times, as samples `sample_offset`, `sample_offset + 1`, …"""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[Message]
+    params: SamplingParams = SamplingParams()
+    sample_offset: int = Field(0, ge=0)
+
+
+class TopLogprob(BaseModel):
+    """One candidate token at a position. `id` is set where the backend knows token ids."""
+
+    token: str
+    id: int | None = None
+    logprob: float
+
+
+class TokenLogprob(BaseModel):
+    """The generated token at one position and the top-k candidates there."""
+
+    token: str
+    id: int | None = None
+    logprob: float
+    top: list[TopLogprob] = []
+
+
+class Completion(BaseModel):
+    """One sampled answer."""
+
+    text: str
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
+
+
+class Usage(BaseModel):
+    """Tokens billed for one request (all its completions)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class ChatResponse(BaseModel):
+    """A request's completions, in sample order; `cached[i]` tells whether sample i came from the cache."""
+
+    completions: list[Completion]
+    usage: Usage = Usage()
+    model: str = ""
+    cached: list[bool] = []
+
+
+class TeacherError(Exception):
+    """A request that failed. `retryable` errors may succeed if sent again."""
+
+    retryable: bool = False
+
+    def __init__(self, message: str, *, status: int | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.retry_after = retry_after
+
+    @property
+    def reason(self) -> str:
+        """A short reason for a rejects file."""
+        prefix = f"HTTP {self.status}: " if self.status else ""
+        return prefix + self.message
+
+
+class TransientTeacherError(TeacherError):
+    """Rate limits, 5xx, timeouts, dropped connections: worth retrying."""
+
+    retryable = True
+
+
+class PermanentTeacherError(TeacherError):
+    """Bad requests and the like: sending it again will not help."""
+
+    retryable = False
+
+
+@dataclass
+class TeacherStats:
+    """Counters a backend keeps, read by the progress line and benchmarks."""
+
+    requests_sent: int = 0
+    requests_ok: int = 0
+    retries: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Capabilities(BaseModel):
+    """What an endpoint supports, as probed by `distill teacher check`."""
+
+    n: bool
+    logprobs: bool
+    json_schema: Literal["json_schema", "json_object", "prompt"]
+    latency_s: float | None = None
+    notes: list[str] = []
+
+
+class Teacher(abc.ABC):
+    """A model that answers chat requests. Subclasses implement `generate`."""
+
+    #: Backend name: "openai", "transformers" or "vllm".
+    backend: str = ""
+    #: Requests handed to one `generate` call by the runner.
+    batch_size: int = 1
+    #: `generate` calls the runner keeps in flight at once.
+    concurrency: int = 1
+
+    def __init__(self, model: str):
+        self.model = model
+        self.stats = TeacherStats()
+
+    @property
+    def tokenizer_name(self) -> str | None:
+        """Name of the tokenizer whose ids appear in logprobs, if the backend has one."""
+        return None
+
+    def cache_identity(self) -> dict[str, Any]:
+        """What, besides the request, decides a response: part of every cache key."""
+        return {"backend": self.backend, "model": self.model}
+
+    @property
+    def spec(self) -> str:
+        """A short, secret-free name for logs and provenance."""
+        return f"{self.backend}:{self.model}"
+
+    @abc.abstractmethod
+    async def generate(self, requests: Sequence[ChatRequest]) -> list[ChatResponse | TeacherError]:
+        """Complete each request; the i-th result answers the i-th request, never raising per request."""
+
+    async def capabilities(self) -> Capabilities:
+        """Probe what this teacher supports; backends with fixed abilities override this."""
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Release connections, engines and models."""
