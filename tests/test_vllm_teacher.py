@@ -1,0 +1,273 @@
+"""The vLLM teacher: the missing-extra error, and the pure translation to and from vLLM's types."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from synth.errors import ConfigError
+from synth.teachers import (
+    ChatRequest,
+    ChatResponse,
+    Message,
+    PermanentTeacherError,
+    SamplingParams,
+    TeacherConfig,
+    build_teacher,
+)
+from synth.teachers.vllm_engine import (
+    convert_logprobs,
+    engine_kwargs,
+    resolve_json_field,
+    sampling_kwargs,
+    to_chat_response,
+)
+
+
+def lp(logprob, rank=None, text=None):
+    """A vLLM-shaped Logprob."""
+    return SimpleNamespace(logprob=logprob, rank=rank, decoded_token=text)
+
+
+def structured(**kw):
+    """Stands in for StructuredOutputsParams: records what it was built with."""
+    return ("SO", kw)
+
+
+# --- building the teacher -------------------------------------------------
+
+
+def test_missing_vllm_is_a_one_line_config_error(monkeypatch):
+    # None in sys.modules makes `import vllm` fail even where vllm is installed.
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    with pytest.raises(ConfigError) as info:
+        build_teacher(TeacherConfig(backend="vllm", model="x"))
+    message = str(info.value)
+    assert "pip install 'blackbox-distill[vllm]'" in message
+    assert "\n" not in message
+
+
+def test_engine_kwargs_merge_engine_args():
+    cfg = TeacherConfig(backend="vllm", model="m", dtype="bfloat16", trust_remote_code=True,
+                        engine_args={"gpu_memory_utilization": 0.5, "seed": 7})
+    assert engine_kwargs(cfg) == {
+        "model": "m", "dtype": "bfloat16", "trust_remote_code": True, "seed": 7, "gpu_memory_utilization": 0.5,
+    }
+    assert engine_kwargs(TeacherConfig(backend="vllm", model="m"))["seed"] == 0
+    with pytest.raises(ConfigError):
+        engine_kwargs(TeacherConfig(backend="vllm", model="m", engine_args={"model": "other"}))
+
+
+# --- our SamplingParams -> vLLM keyword arguments -------------------------
+
+
+def test_sampling_kwargs_minimal():
+    assert sampling_kwargs(SamplingParams()) == {"n": 1, "temperature": 0.7, "top_p": 1.0, "max_tokens": 512}
+
+
+def test_sampling_kwargs_full():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    params = SamplingParams(temperature=0.0, top_p=0.9, max_tokens=64, n=3, seed=100,
+                            stop=["\n\n"], logprobs=5, json_schema=schema)
+    kw = sampling_kwargs(params, sample_offset=4, json_field=("structured_outputs", structured))
+    assert kw == {
+        "n": 3, "temperature": 0.0, "top_p": 0.9, "max_tokens": 64,
+        "seed": 104,  # seed of sample 4; vLLM gives child i seed + i
+        "stop": ["\n\n"], "logprobs": 5,
+        "structured_outputs": ("SO", {"json": schema}),
+    }
+
+
+def test_sampling_kwargs_logprobs_zero_is_kept():
+    assert sampling_kwargs(SamplingParams(logprobs=0))["logprobs"] == 0
+
+
+def test_json_schema_without_structured_support_fails_the_request():
+    with pytest.raises(PermanentTeacherError):
+        sampling_kwargs(SamplingParams(json_schema={"type": "object"}), json_field=None)
+
+
+def test_resolve_json_field_prefers_structured_outputs():
+    new = SimpleNamespace(StructuredOutputsParams=structured, GuidedDecodingParams=object)
+    old = SimpleNamespace(GuidedDecodingParams=structured)
+    assert resolve_json_field(new) == ("structured_outputs", structured)
+    assert resolve_json_field(old) == ("guided_decoding", structured)
+    assert resolve_json_field(SimpleNamespace()) is None
+
+
+# --- vLLM outputs -> ChatResponse -----------------------------------------
+
+
+def test_convert_logprobs_sorts_and_keeps_k():
+    # Position 0: sampled token 7 is outside the top 2, so vLLM sent k+1 entries.
+    positions = [
+        {7: lp(-3.0, 3, " c"), 5: lp(-0.5, 1, " a"), 6: lp(-1.0, 2, " b")},
+        {9: lp(-0.1, 1, "!"), 8: lp(-2.5, 2, "?")},
+    ]
+    out = convert_logprobs([7, 9], positions, k=2)
+    assert [(t.token, t.id, t.logprob) for t in out] == [(" c", 7, -3.0), ("!", 9, -0.1)]
+    assert [(c.token, c.id, c.logprob) for c in out[0].top] == [(" a", 5, -0.5), (" b", 6, -1.0)]
+    assert [c.id for c in out[1].top] == [9, 8]
+
+
+def test_convert_logprobs_zero_k_has_empty_top():
+    out = convert_logprobs([3], [{3: lp(-0.2, 1, "x")}], k=0)
+    assert out[0].top == [] and out[0].logprob == -0.2
+
+
+def test_convert_logprobs_missing_sampled_token_is_an_error():
+    with pytest.raises(ValueError):
+        convert_logprobs([3], [{4: lp(-0.2)}], k=1)
+
+
+def test_to_chat_response_orders_samples_and_counts_tokens():
+    output = SimpleNamespace(
+        prompt_token_ids=[1, 2, 3, 4],
+        outputs=[
+            SimpleNamespace(index=1, text="second", token_ids=[10, 11, 12], finish_reason="length",
+                            logprobs=[{10: lp(-0.1)}, {11: lp(-0.2)}, {12: lp(-0.3)}]),
+            SimpleNamespace(index=0, text="first", token_ids=(20,), finish_reason="stop",
+                            logprobs=[{20: lp(-1.5, 2, "f"), 21: lp(-0.4, 1, "g")}]),
+        ],
+    )
+    resp = to_chat_response(output, SamplingParams(n=2, logprobs=1), "teacher")
+    assert isinstance(resp, ChatResponse)
+    assert [c.text for c in resp.completions] == ["first", "second"]
+    assert [c.finish_reason for c in resp.completions] == ["stop", "length"]
+    assert [c.completion_tokens for c in resp.completions] == [1, 3]
+    assert resp.usage.prompt_tokens == 4 and resp.usage.completion_tokens == 4
+    assert resp.model == "teacher"
+    first = resp.completions[0].logprobs[0]
+    assert (first.token, first.id, first.logprob) == ("f", 20, -1.5)
+    assert [(c.id, c.logprob) for c in first.top] == [(21, -0.4)]
+
+
+def test_to_chat_response_without_logprobs():
+    output = SimpleNamespace(prompt_token_ids=None, outputs=[
+        SimpleNamespace(index=0, text="hi", token_ids=[1], finish_reason="stop", logprobs=None),
+    ])
+    resp = to_chat_response(output, SamplingParams(), "m")
+    assert resp.completions[0].logprobs is None and resp.usage.prompt_tokens == 0
+
+
+def test_to_chat_response_rejects_wrong_sample_count():
+    output = SimpleNamespace(prompt_token_ids=[1], outputs=[
+        SimpleNamespace(index=0, text="a", token_ids=[1], finish_reason="stop", logprobs=None),
+    ])
+    with pytest.raises(ValueError):
+        to_chat_response(output, SamplingParams(n=2), "m")
+
+
+# --- the teacher around a fake engine ------------------------------------
+
+
+class FakeLLM:
+    """Answers like vllm.LLM; a conversation saying "boom" fails the whole call, as vLLM's validation does."""
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+        self.calls = []
+
+    def chat(self, conversations, sampling_params, use_tqdm=True):
+        self.calls.append(len(conversations))
+        assert isinstance(sampling_params, list) and len(sampling_params) == len(conversations)
+        if any(m["content"] == "boom" for conv in conversations for m in conv):
+            raise ValueError("prompt too long\nsecond line")
+        return [
+            SimpleNamespace(prompt_token_ids=[0] * len(conv), outputs=[
+                SimpleNamespace(index=i, text=f"{conv[-1]['content']}#{sp.kw.get('seed')}", token_ids=[1, 2],
+                                finish_reason="stop", logprobs=None)
+                for i in range(sp.kw["n"])
+            ])
+            for conv, sp in zip(conversations, sampling_params)
+        ]
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    import types
+
+    sampling = types.ModuleType("vllm.sampling_params")
+    sampling.StructuredOutputsParams = structured
+    fake = types.ModuleType("vllm")
+    fake.LLM = FakeLLM
+    fake.SamplingParams = lambda **kw: SimpleNamespace(kw=kw)
+    fake.sampling_params = sampling
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", sampling)
+    return fake
+
+
+def ask(text, **params):
+    return ChatRequest(messages=[Message(role="user", content=text)], params=SamplingParams(**params))
+
+
+def test_teacher_batches_and_isolates_failures(fake_vllm):
+    teacher = build_teacher(TeacherConfig(backend="vllm", model="m", engine_args={"tokenizer": "tok"}))
+    assert (teacher.backend, teacher.batch_size, teacher.concurrency, teacher.tokenizer_name) == ("vllm", 256, 1, "tok")
+    assert teacher._llm.kwargs["model"] == "m"
+    caps = asyncio.run(teacher.capabilities())
+    assert caps.n and caps.logprobs and caps.json_schema == "json_schema"
+
+    requests = [ask("a", n=2, seed=10), ask("boom"), ask("c", json_schema={"type": "object"})]
+    requests[0] = requests[0].model_copy(update={"sample_offset": 3})
+    results = asyncio.run(teacher.generate(requests))
+    assert teacher._llm.calls == [3, 1, 1, 1]  # the batch, then one by one after it failed
+    assert [c.text for c in results[0].completions] == ["a#13", "a#13"]
+    assert isinstance(results[1], PermanentTeacherError) and "\n" not in results[1].message
+    assert results[2].completions[0].text == "c#None"
+    assert (teacher.stats.requests_sent, teacher.stats.requests_ok, teacher.stats.errors) == (3, 2, 1)
+
+    ok = asyncio.run(teacher.generate([ask("x"), ask("y")]))
+    assert teacher._llm.calls[-1] == 2 and all(isinstance(r, ChatResponse) for r in ok)
+    asyncio.run(teacher.aclose())
+    assert isinstance(asyncio.run(teacher.generate([ask("z")]))[0], PermanentTeacherError)
+
+
+def test_teacher_load_failure_is_a_config_error(fake_vllm, monkeypatch):
+    def broken(**kwargs):
+        raise OSError("no such model\ntraceback noise")
+
+    monkeypatch.setattr(fake_vllm, "LLM", broken)
+    with pytest.raises(ConfigError, match="could not load 'm'") as info:
+        build_teacher(TeacherConfig(backend="vllm", model="m"))
+    assert "\n" not in str(info.value)
+
+
+# --- a real engine, on a GPU machine only ----------------------------------
+
+
+@pytest.mark.gpu
+def test_real_vllm_generation():
+    pytest.importorskip("vllm")
+    model = os.environ.get("BBD_VLLM_TEST_MODEL", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    if not os.path.isdir(model):
+        from huggingface_hub import snapshot_download
+
+        try:
+            snapshot_download(model, local_files_only=True)
+        except Exception:
+            pytest.skip(f"{model} is not in the local Hugging Face cache (set BBD_VLLM_TEST_MODEL to a local path)")
+    teacher = build_teacher(TeacherConfig(backend="vllm", model=model,
+                                          engine_args={"gpu_memory_utilization": 0.3, "max_model_len": 1024}))
+    params = SamplingParams(temperature=0.8, max_tokens=16, n=2, seed=1, logprobs=3)
+    request = ChatRequest(messages=[Message(role="user", content="What is the capital of France?")], params=params)
+    too_long = ChatRequest(messages=[Message(role="user", content="word " * 5000)], params=params)
+    try:
+        first, bad = asyncio.run(teacher.generate([request, too_long]))
+        assert isinstance(first, ChatResponse) and len(first.completions) == 2
+        assert isinstance(bad, PermanentTeacherError)
+        assert first.usage.prompt_tokens > 0
+        for c in first.completions:
+            assert 0 < c.completion_tokens <= 16 and len(c.logprobs) == c.completion_tokens
+            assert all(len(t.top) == 3 for t in c.logprobs)
+        # Resuming at sample 1 reproduces sample 1.
+        again = asyncio.run(teacher.generate([request.model_copy(update={
+            "params": params.model_copy(update={"n": 1}), "sample_offset": 1})]))[0]
+        assert again.completions[0].text == first.completions[1].text
+    finally:
+        asyncio.run(teacher.aclose())
