@@ -26,3 +26,35 @@ def cache_dir(tmp_path, monkeypatch):
     d = tmp_path / "cache"
     monkeypatch.setenv("BBD_RESPONSE_CACHE", str(d))
     return d
+
+
+@pytest.fixture
+def fault_server():
+    """A misbehaving OpenAI-compatible server (tests/fault_server.py) on a free port, for one test."""
+    from tests.fault_server import FaultServer
+
+    server = FaultServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def llama_server():
+    """The base URL of llama.cpp's server on the embedded SmolLM2, shared by the session.
+
+    Fails (does not skip) when llama-cpp-python or the GGUF is missing: the real
+    server is how the openai backend is tested.
+    """
+    from tests.llama_server import LlamaServerError, llama_server as start
+
+    try:
+        ctx = start()
+        url = ctx.__enter__()
+    except LlamaServerError as exc:
+        pytest.fail(f"cannot start llama.cpp's server: {exc}", pytrace=False)
+    try:
+        yield url
+    finally:
+        ctx.__exit__(None, None, None)

@@ -1,0 +1,321 @@
+"""A small, real OpenAI-compatible HTTP server that misbehaves on request.
+
+It speaks enough of `POST /v1/chat/completions` (and `GET /v1/models`) for the
+official client, on a raw asyncio server in a background thread, so hundreds of
+concurrent connections cost one coroutine each (the throughput benchmark reuses it).
+
+Faults come from `script` (a list consumed one entry per request) or from a
+directive in the last user message: `!fault=NAME` or `!fault=NAME*K` (the first K
+requests carrying that exact message get the fault, later ones succeed). Names:
+`429` (with Retry-After: `retry_after`), `500`, `503`, `400`, `stall` (no answer
+for `stall_s`), `drop` (close the socket without a response), `badjson` (200 with
+a broken JSON body), `empty` (200 with no choices), `ok`.
+
+A good answer echoes deterministically: `echo: <last user message> #<seed + i>`
+for choice i (`#c<i>` without a seed), with word-count usage, `n` honoured unless
+`honor_n=False`, and fake logprobs when asked for. `json_schema=False` refuses
+that response format with a 500 (as llama.cpp does), `json_object=False` with a 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+FAULTS = {"429", "500", "503", "400", "stall", "drop", "badjson", "empty", "ok"}
+_DIRECTIVE = re.compile(r"!fault=(\w+)(?:\*(\d+))?")
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+class FaultServer:
+    """Start with `start()` (or use as a context manager); `base_url` is the `/v1` URL."""
+
+    def __init__(
+        self,
+        *,
+        latency: float = 0.0,
+        honor_n: bool = True,
+        retry_after: float = 1.0,
+        stall_s: float = 30.0,
+        json_schema: bool = True,
+        json_object: bool = True,
+    ):
+        self.latency = latency
+        self.honor_n = honor_n
+        self.retry_after = retry_after
+        self.stall_s = stall_s
+        self.json_schema = json_schema
+        self.json_object = json_object
+        self.script: list[str] = []
+        self.port = 0
+        self._lock = threading.Lock()
+        self._received = 0
+        self._completed = 0
+        self._in_flight = 0
+        #: The most chat requests being answered at once.
+        self.max_in_flight = 0
+        self._faults: dict[str, int] = {}
+        self._seen: dict[str, int] = {}
+        self._bodies: list[dict[str, Any]] = []
+        self._times: list[float] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- counters (read from the test thread) ---------------------------------
+    @property
+    def received(self) -> int:
+        """Chat requests fully read."""
+        with self._lock:
+            return self._received
+
+    @property
+    def completed(self) -> int:
+        """Chat requests answered with a good 200 completion."""
+        with self._lock:
+            return self._completed
+
+    def faults(self) -> dict[str, int]:
+        """How many times each fault was served."""
+        with self._lock:
+            return dict(self._faults)
+
+    @property
+    def bodies(self) -> list[dict[str, Any]]:
+        """The JSON bodies received, in arrival order."""
+        with self._lock:
+            return list(self._bodies)
+
+    @property
+    def arrival_times(self) -> list[float]:
+        """`time.monotonic()` at which each chat request was read."""
+        with self._lock:
+            return list(self._times)
+
+    def reset(self) -> None:
+        """Zero the counters and forget the per-message fault budgets."""
+        with self._lock:
+            self._received = self._completed = self.max_in_flight = 0
+            self._faults.clear()
+            self._seen.clear()
+            self._bodies.clear()
+            self._times.clear()
+            self.script = []
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    # -- lifecycle -------------------------------------------------------------
+    def start(self) -> "FaultServer":
+        """Listen on a free 127.0.0.1 port in a daemon thread."""
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            server = loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0, backlog=2048))
+            self._server = server
+            self.port = server.sockets[0].getsockname()[1]
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self._shutdown())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="fault-server", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("fault server did not start")
+        return self
+
+    async def _shutdown(self) -> None:
+        self._server.close()
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    def stop(self) -> None:
+        """Close every connection and stop the thread."""
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._thread = None
+
+    def __enter__(self) -> "FaultServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # -- HTTP ------------------------------------------------------------------
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+                    return
+                lines = head.decode("latin-1").split("\r\n")
+                method, path, _ = (lines[0].split(" ", 2) + ["", ""])[:3]
+                headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+                body = await reader.readexactly(int(headers.get("content-length", "0") or 0))
+                keep = await self._dispatch(method, path.split("?")[0], body, writer)
+                if not keep or headers.get("connection", "").lower() == "close":
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            return  # the client went away, or stop() cancelled a stalled answer
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+
+    async def _send(self, writer: asyncio.StreamWriter, status: int, body: bytes, extra: dict[str, str] | None = None) -> None:
+        head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}", "content-type: application/json", f"content-length: {len(body)}"]
+        head += [f"{k}: {v}" for k, v in (extra or {}).items()]
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        await writer.drain()
+
+    async def _dispatch(self, method: str, path: str, raw: bytes, writer: asyncio.StreamWriter) -> bool:
+        if method == "GET" and path == "/v1/models":
+            await self._send(writer, 200, json.dumps({"object": "list", "data": [{"id": "fault-model", "object": "model"}]}).encode())
+            return True
+        if method != "POST" or path != "/v1/chat/completions":
+            await self._send(writer, 404, _error("not found", "not_found"))
+            return True
+        try:
+            req = json.loads(raw)
+        except ValueError:
+            await self._send(writer, 400, _error("body is not JSON", "invalid_request_error"))
+            return True
+        fault = self._record(req)
+        try:
+            return await self._respond(fault, req, writer)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    async def _respond(self, fault: str, req: dict[str, Any], writer: asyncio.StreamWriter) -> bool:
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        if fault == "drop":
+            writer.transport.abort()
+            return False
+        if fault == "stall":
+            await asyncio.sleep(self.stall_s)
+            return False
+        if fault == "429":
+            await self._send(writer, 429, _error("rate limited", "rate_limit_exceeded"), {"retry-after": f"{self.retry_after:g}"})
+        elif fault in ("500", "503"):
+            await self._send(writer, int(fault), _error(f"injected {fault}", "server_error"))
+        elif fault == "400":
+            await self._send(writer, 400, _error("injected bad request: temperature is invalid", "invalid_request_error"))
+        elif fault == "badjson":
+            await self._send(writer, 200, b'{"id": "x", "choices": [{"index": 0, "mess')
+        elif fault == "empty":
+            await self._send(writer, 200, json.dumps({"id": "x", "object": "chat.completion", "model": "fault-model", "choices": []}).encode())
+        else:
+            rf = (req.get("response_format") or {}).get("type")
+            if rf == "json_schema" and not self.json_schema:
+                # What llama.cpp's server answers.
+                await self._send(writer, 500, _error("response_format.type: Input should be 'text' or 'json_object'", "internal_server_error"))
+                return True
+            if rf == "json_object" and not self.json_object:
+                await self._send(writer, 400, _error("response_format json_object is not supported", "invalid_request_error"))
+                return True
+            await self._send(writer, 200, json.dumps(self._answer(req, rf)).encode())
+            with self._lock:
+                self._completed += 1
+        return True
+
+    def _record(self, req: dict[str, Any]) -> str:
+        last = _last_user(req)
+        with self._lock:
+            self._received += 1
+            self._in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self._in_flight)
+            self._bodies.append(req)
+            self._times.append(time.monotonic())
+            fault = "ok"
+            if self.script:
+                fault = self.script.pop(0)
+            else:
+                m = _DIRECTIVE.search(last)
+                if m:
+                    seen = self._seen.get(last, 0)
+                    self._seen[last] = seen + 1
+                    if m.group(2) is None or seen < int(m.group(2)):
+                        fault = m.group(1)
+            if fault not in FAULTS:
+                raise ValueError(f"unknown fault {fault!r}")
+            if fault != "ok":
+                self._faults[fault] = self._faults.get(fault, 0) + 1
+            return fault
+
+    def _answer(self, req: dict[str, Any], rf: str | None) -> dict[str, Any]:
+        last = _last_user(req)
+        n = int(req.get("n") or 1) if self.honor_n else 1
+        seed = req.get("seed")
+        max_tokens = int(req.get("max_tokens") or 1 << 30)
+        k = req.get("top_logprobs") if req.get("logprobs") else None
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in req.get("messages", []))
+        choices, total = [], 0
+        for i in range(n):
+            tag = f"{seed + i}" if isinstance(seed, int) else f"c{i}"
+            text = f"echo: {last} #{tag}"
+            if rf in ("json_object", "json_schema"):
+                text = json.dumps({"echo": last, "tag": tag})
+            words = text.split(" ")
+            finish = "length" if len(words) > max_tokens else "stop"
+            words = words[:max_tokens]
+            text = " ".join(words)
+            total += len(words)
+            choice: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}
+            if k is not None:
+                toks = [w if j == 0 else " " + w for j, w in enumerate(words)]
+                choice["logprobs"] = {"content": [_token_lp(t, j, int(k)) for j, t in enumerate(toks)]}
+            choices.append(choice)
+        return {
+            "id": f"chatcmpl-{self.received}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": req.get("model", "fault-model"),
+            "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": total, "total_tokens": prompt_tokens + total},
+        }
+
+
+def _last_user(req: dict[str, Any]) -> str:
+    for m in reversed(req.get("messages") or []):
+        if isinstance(m, dict) and m.get("role") == "user":
+            return str(m.get("content", ""))
+    return ""
+
+
+def _token_lp(token: str, j: int, k: int) -> dict[str, Any]:
+    lp = -0.1 * (j + 1)
+    top = [{"token": token, "logprob": lp, "bytes": None}]
+    top += [{"token": f"{token}~{a}", "logprob": lp - a, "bytes": None} for a in range(1, k)]
+    return {"token": token, "logprob": lp, "bytes": None, "top_logprobs": top[:k]}
+
+
+def _error(message: str, kind: str) -> bytes:
+    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}}).encode()
+
+
+@contextmanager
+def fault_server(**kwargs: Any) -> Iterator[FaultServer]:
+    """A running `FaultServer` for the `with` block."""
+    server = FaultServer(**kwargs).start()
+    try:
+        yield server
+    finally:
+        server.stop()
