@@ -98,6 +98,9 @@ class ResponseCache:
         if not rows:
             return
         with self._lock:
+            if len(rows) == 1:  # the usual case: one statement is its own transaction
+                self._db.execute("INSERT OR REPLACE INTO samples VALUES (?,?,?,?,?)", rows[0])
+                return
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany(

@@ -123,16 +123,18 @@ class TaskJournal:
 
     def add(self, task: str, records: list[BaseModel], rejects: list[Reject]) -> bool:
         """Append one finished task as a single line, flushed to the OS; True when it failed and a rerun retries it."""
-        entry = {
-            "task": task,
-            "retry": bool(rejects) and not records and all(r.error for r in rejects),
-            "records": [r.model_dump(mode="json", exclude_none=True) for r in records],
-            "rejects": [r.model_dump(mode="json", exclude_none=True) for r in rejects],
-        }
-        self._fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        retry = bool(rejects) and not records and all(r.error for r in rejects)
+        # Serialised by pydantic directly: this runs once per task on the hot path.
+        line = '{"task":%s,"retry":%s,"records":[%s],"rejects":[%s]}\n' % (
+            json.dumps(task),
+            "true" if retry else "false",
+            ",".join(r.model_dump_json(exclude_none=True) for r in records),
+            ",".join(r.model_dump_json(exclude_none=True) for r in rejects),
+        )
+        self._fh.write(line)
         self._fh.flush()
         self.done.add(task)
-        return entry["retry"]
+        return retry
 
     def finalize(self) -> tuple[int, int]:
         """Split the journal into the output and rejects files and remove it; returns their counts."""

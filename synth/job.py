@@ -74,8 +74,11 @@ def run_job(
         for lineno, item in islice(rows, limit):
             yield generator.make_task(item, f"{input_path}:{lineno}")
 
-    # A bad line anywhere fails the job before any teacher call or output file.
-    total = sum(1 for _ in tasks())
+    # A bad line or a template that does not fit it fails the job before any teacher call or output file.
+    total = 0
+    for lineno, item in islice(read_jsonl(input_path, generator.input_model), limit):
+        generator.messages(item, f"{input_path}:{lineno}")
+        total += 1
 
     cache = open_cache(cache_dir, cache_mode)
     cached = CachedTeacher(teacher, cache)

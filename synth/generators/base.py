@@ -43,6 +43,9 @@ class Generator(abc.ABC):
         self.params = params
         self.teacher_name = teacher_name
         self.template = template
+        # Computed once: every record of the job carries them.
+        self._params_json = params.model_dump(mode="json", exclude_none=True)
+        self._template_hash = template.hash if template else None
 
     @abc.abstractmethod
     def messages(self, item: BaseModel, where: str) -> list[Message]:
@@ -54,8 +57,7 @@ class Generator(abc.ABC):
 
     def task_id(self, item: BaseModel) -> str:
         """Stable hash of (input, method, template, parameters)."""
-        template_hash = self.template.hash if self.template else None
-        return stable_id(item.model_dump(mode="json"), self.method, template_hash, self.params.model_dump(mode="json"))
+        return stable_id(item.model_dump(mode="json"), self.method, self._template_hash, self._params_json)
 
     def make_task(self, item: BaseModel, where: str) -> Task:
         """Build the task for one input."""
@@ -68,8 +70,8 @@ class Generator(abc.ABC):
             teacher=self.teacher_name,
             method=self.method,
             template=self.template.name if self.template else None,
-            template_hash=self.template.hash if self.template else None,
-            params=self.params.model_dump(mode="json", exclude_none=True),
+            template_hash=self._template_hash,
+            params=self._params_json,
             task=task.id,
             sample=sample,
         )

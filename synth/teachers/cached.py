@@ -77,8 +77,11 @@ class CachedTeacher(Teacher):
                 end = pos
                 while end < len(keys) and keys[end] not in found:
                     end += 1
-                params = req.params.model_copy(update={"n": end - pos})
-                subrequests.append(req.model_copy(update={"params": params, "sample_offset": req.sample_offset + pos}))
+                if pos == 0 and end == len(keys):
+                    subrequests.append(req)  # nothing cached: the common case, sent as is
+                else:
+                    params = req.params.model_copy(update={"n": end - pos})
+                    subrequests.append(req.model_copy(update={"params": params, "sample_offset": req.sample_offset + pos}))
                 owners.append((ri, pos))
                 pos = end
 
