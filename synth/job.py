@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterable, Iterator, Literal, Union
+
+from pydantic import BaseModel
 
 from synth.cache import ResponseCache
 from synth.errors import ConfigError, DistillError
-from synth.generators.base import Generator, Task
+from synth.generators.base import Generator
 from synth.io import TaskJournal, read_jsonl, rejects_path
 from synth.progress import JobCounts, ProgressLine
 from synth.runner import Runner
@@ -50,56 +52,78 @@ def open_cache(cache_dir: str | Path | None, mode: CacheMode) -> ResponseCache:
     return ResponseCache(cache_dir, read=mode == "use", write=mode != "off")
 
 
+@dataclass
+class RunSettings:
+    """How a job talks to the cache and the terminal; the same for every command."""
+
+    cache_dir: str | Path | None = None
+    cache_mode: CacheMode = "use"
+    progress: bool = True
+
+
+#: A job's inputs: a JSON Lines file (validated against the generator's input model), or a
+#: function returning (where, item) pairs afresh each call (the job iterates twice).
+Source = Union[str, Path, Callable[[], Iterable[tuple[str, BaseModel]]]]
+
+
 def run_job(
     make_generator: Callable[[Teacher], Generator],
-    input_path: str | Path,
+    source: Source,
     output: str | Path,
-    teacher_config: TeacherConfig,
+    teacher: Teacher | TeacherConfig,
+    settings: RunSettings | None = None,
     *,
-    cache_dir: str | Path | None = None,
-    cache_mode: CacheMode = "use",
     limit: int | None = None,
-    progress: bool = True,
     label: str = "generate",
 ) -> JobSummary:
-    """Validate the whole input, then run every task not yet done and write output and rejects."""
-    input_path, output = Path(input_path), Path(output)
-    if output.resolve() == input_path.resolve():
+    """Validate every input, then run every task not yet done and write output and rejects.
+
+    Given a config the job builds its teacher and closes it; given a teacher, the caller
+    owns it (several stages can then share one loaded model).
+    """
+    settings = settings or RunSettings()
+    output = Path(output)
+    if isinstance(source, (str, Path)) and output.resolve() == Path(source).resolve():
         raise ConfigError(f"{output}: the output would overwrite the input")
-    teacher = build_teacher(teacher_config)
+    owned = isinstance(teacher, TeacherConfig)
+    prices = (teacher.price_per_mtok_in, teacher.price_per_mtok_out) if owned else (None, None)
+    if owned:
+        teacher = build_teacher(teacher)
     generator = make_generator(teacher)
 
-    def tasks() -> Iterator[Task]:
-        rows = read_jsonl(input_path, generator.input_model)
-        for lineno, item in islice(rows, limit):
-            yield generator.make_task(item, f"{input_path}:{lineno}")
+    def items() -> Iterator[tuple[str, BaseModel]]:
+        if isinstance(source, (str, Path)):
+            rows = ((f"{source}:{lineno}", item) for lineno, item in read_jsonl(source, generator.input_model))
+        else:
+            rows = iter(source())
+        return islice(rows, limit)
 
-    # A bad line or a template that does not fit it fails the job before any teacher call or output file.
+    # A bad line, or a template that does not fit one, fails the job before any teacher call or output.
     total = 0
-    for lineno, item in islice(read_jsonl(input_path, generator.input_model), limit):
-        generator.messages(item, f"{input_path}:{lineno}")
+    for where, item in items():
+        generator.messages(item, where)
         total += 1
 
-    cache = open_cache(cache_dir, cache_mode)
+    cache = open_cache(settings.cache_dir, settings.cache_mode)
     cached = CachedTeacher(teacher, cache)
+    stats_before = replace(teacher.stats)
     journal = TaskJournal(output)
     counts = JobCounts(total=total)
     started = time.monotonic()
-    prices = (teacher_config.price_per_mtok_in, teacher_config.price_per_mtok_out)
     journal.open()
-    teacher_errors = 0
     try:
 
         async def main() -> None:
             try:
-                async with ProgressLine(label, cached, counts, enabled=progress, prices=prices):
-                    await Runner(cached, journal, counts).run(tasks(), generator.parse)
+                async with ProgressLine(label, cached, counts, enabled=settings.progress, prices=prices):
+                    tasks = (generator.make_task(item, where) for where, item in items())
+                    await Runner(cached, journal, counts).run(tasks, generator.parse)
             finally:
-                await cached.aclose()
+                if owned:
+                    await cached.aclose()
 
         asyncio.run(main())
-        teacher_errors = counts.failed
-        if teacher_errors and teacher_errors == counts.done and not counts.skipped:
+        if counts.failed and counts.failed == counts.done and not counts.skipped:
             raise TeacherUnavailable(
                 f"every request to {teacher.spec} failed ({counts.first_error}); nothing was written, rerun to retry"
             )
@@ -115,11 +139,11 @@ def run_job(
         resumed=counts.skipped,
         records=records,
         rejected=rejected,
-        requests_sent=s.requests_sent,
+        requests_sent=s.requests_sent - stats_before.requests_sent,
         cache_hits=cached.cache_stats.hits,
-        retries=s.retries,
-        prompt_tokens=s.prompt_tokens,
-        completion_tokens=s.completion_tokens,
+        retries=s.retries - stats_before.retries,
+        prompt_tokens=s.prompt_tokens - stats_before.prompt_tokens,
+        completion_tokens=s.completion_tokens - stats_before.completion_tokens,
         seconds=time.monotonic() - started,
-        teacher_errors=teacher_errors,
+        teacher_errors=counts.failed,
     )

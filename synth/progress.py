@@ -35,7 +35,7 @@ class ProgressLine:
         self.enabled = enabled
         self.prices = prices
         self.log_every = log_every
-        self.console = Console(stderr=True)
+        self.console = Console(stderr=True, soft_wrap=True)
         self.start = time.monotonic()
         self._task: asyncio.Task | None = None
 

@@ -47,7 +47,8 @@ def llama_server():
     Fails (does not skip) when llama-cpp-python or the GGUF is missing: the real
     server is how the openai backend is tested.
     """
-    from tests.llama_server import LlamaServerError, llama_server as start
+    from tests.llama_server import LlamaServerError
+    from tests.llama_server import llama_server as start
 
     try:
         ctx = start()

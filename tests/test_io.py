@@ -9,7 +9,14 @@ import pytest
 from synth.errors import InputError
 from synth.generators.raw import PromptInput
 from synth.io import TaskJournal, load_records, read_jsonl, rejects_path, to_hf_dataset
-from synth.records import PreferencePair, Provenance, Reject, SFTExample, SoftLabels, stable_id
+from synth.records import (
+    PreferencePair,
+    Provenance,
+    Reject,
+    SFTExample,
+    SoftLabels,
+    stable_id,
+)
 from synth.teachers.base import Message
 
 PROV = Provenance(teacher="t", method="m", task="task")

@@ -12,7 +12,13 @@ import pytest
 
 from synth.errors import ConfigError
 from synth.teachers import embedded
-from synth.teachers.base import ChatRequest, ChatResponse, Message, PermanentTeacherError, SamplingParams
+from synth.teachers.base import (
+    ChatRequest,
+    ChatResponse,
+    Message,
+    PermanentTeacherError,
+    SamplingParams,
+)
 from synth.teachers.config import TeacherConfig, parse_teacher_spec
 from synth.teachers.embedded import EMBEDDED_MODEL_NAME, embedded_model_dir
 from synth.teachers.local import TransformersTeacher

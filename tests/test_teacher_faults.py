@@ -8,7 +8,13 @@ import time
 
 import pytest
 
-from synth.teachers import ChatRequest, PermanentTeacherError, SamplingParams, TeacherConfig, TransientTeacherError
+from synth.teachers import (
+    ChatRequest,
+    PermanentTeacherError,
+    SamplingParams,
+    TeacherConfig,
+    TransientTeacherError,
+)
 from synth.teachers.base import TeacherStats
 from synth.teachers.openai_api import OpenAITeacher, normalize_base_url
 from synth.teachers.retry import RetryPolicy, call_with_retries, parse_retry_after

@@ -9,6 +9,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from synth.errors import ConfigError, describe_validation_error
+from synth.job import RunSettings
 from synth.teachers import SamplingParams, TeacherConfig, parse_teacher_spec
 
 
@@ -36,13 +37,19 @@ def teacher_config(args: argparse.Namespace) -> TeacherConfig:
 
 
 def add_cache_flags(parser: argparse.ArgumentParser) -> None:
-    """--cache-dir, --no-cache, --refresh."""
+    """--cache-dir, --no-cache, --refresh, --quiet."""
     g = parser.add_argument_group("response cache")
     g.add_argument("--cache-dir", type=Path, help="where responses are stored (default: $BBD_RESPONSE_CACHE or ~/.cache/blackbox-distill/responses)")
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--no-cache", dest="cache_mode", action="store_const", const="off", help="neither read nor store responses")
     mode.add_argument("--refresh", dest="cache_mode", action="store_const", const="refresh", help="ask the teacher again and overwrite cached responses")
+    g.add_argument("--quiet", action="store_true", help="no progress line")
     parser.set_defaults(cache_mode="use")
+
+
+def run_settings(args: argparse.Namespace) -> RunSettings:
+    """Cache and progress settings from the flags."""
+    return RunSettings(cache_dir=args.cache_dir, cache_mode=args.cache_mode, progress=not args.quiet)
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser, **defaults) -> None:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from distill.commands.common import add_cache_flags, add_sampling_flags, add_teacher_flags, sampling_params, teacher_config
+from distill.commands.common import (
+    add_cache_flags,
+    add_sampling_flags,
+    add_teacher_flags,
+    run_settings,
+    sampling_params,
+    teacher_config,
+)
 from synth.generators.raw import RawGenerator
 from synth.job import JobSummary, run_job
 from synth.prompts import load_template
@@ -26,7 +33,6 @@ def register(sub) -> None:
     p.add_argument("--lang", default="en", choices=["en", "zh"], help="template language")
     p.add_argument("--system", help="system message added to every chat")
     p.add_argument("--limit", type=int, help="only the first N inputs")
-    p.add_argument("--quiet", action="store_true", help="no progress line")
     add_teacher_flags(p)
     add_sampling_flags(p)
     add_cache_flags(p)
@@ -41,10 +47,7 @@ def run(args: argparse.Namespace) -> int:
     def make(teacher):
         return RawGenerator(params, teacher.spec, template=template, system=args.system, tokenizer=teacher.tokenizer_name)
 
-    summary = run_job(
-        make, args.input, args.output, teacher_config(args),
-        cache_dir=args.cache_dir, cache_mode=args.cache_mode, limit=args.limit, progress=not args.quiet,
-    )
+    summary = run_job(make, args.input, args.output, teacher_config(args), run_settings(args), limit=args.limit)
     print_summary(summary)
     return 0
 

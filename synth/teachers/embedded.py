@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -72,6 +73,7 @@ def embedded_model_dir() -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL_NAME}.tmp-", dir=target.parent))
         try:
             _chmod_like_umask(tmp)
+            print(f"converting the embedded teacher {EMBEDDED_MODEL_NAME} from its GGUF, once (~20 s)", file=sys.stderr)
             convert_gguf(gguf, tmp)
             (tmp / MARKER).write_text(json.dumps(expected, indent=2) + "\n", encoding="utf-8")
             if target.exists():

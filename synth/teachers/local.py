@@ -14,11 +14,29 @@ from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 from synth.errors import ConfigError
-from synth.teachers.base import (Capabilities, ChatRequest, ChatResponse, Completion, Message, PermanentTeacherError,
-                                 SamplingParams, Teacher, TeacherError, TokenLogprob, TopLogprob, TransientTeacherError, Usage)
+from synth.teachers.base import (
+    Capabilities,
+    ChatRequest,
+    ChatResponse,
+    Completion,
+    Message,
+    PermanentTeacherError,
+    SamplingParams,
+    Teacher,
+    TeacherError,
+    TokenLogprob,
+    TopLogprob,
+    TransientTeacherError,
+    Usage,
+)
 from synth.teachers.config import EMBEDDED, TeacherConfig
-from synth.teachers.embedded import (CONVERSION_VERSION, EMBEDDED_MODEL_NAME, EMBEDDED_TOKENIZER_NAME,
-                                     embedded_gguf_path, embedded_model_dir)
+from synth.teachers.embedded import (
+    CONVERSION_VERSION,
+    EMBEDDED_MODEL_NAME,
+    EMBEDDED_TOKENIZER_NAME,
+    embedded_gguf_path,
+    embedded_model_dir,
+)
 
 JSON_INSTRUCTION = "Reply with only a JSON value, no other text, that matches this JSON schema:\n{schema}"
 
@@ -122,7 +140,10 @@ class TransformersTeacher(Teacher):
         if self._model is not None:
             return
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        # Our own progress line is the one to watch; transformers' bars would tear it.
+        hf_logging.disable_progress_bar()
         model_dir = embedded_model_dir() if self._embedded else self._path
         kwargs = {"local_files_only": True, "trust_remote_code": self.config.trust_remote_code}
         try:

@@ -18,8 +18,20 @@ from urllib.parse import urlsplit, urlunsplit
 import openai
 from openai import AsyncOpenAI
 
-from synth.teachers.base import Capabilities, ChatRequest, ChatResponse, Completion, PermanentTeacherError, SamplingParams
-from synth.teachers.base import Teacher, TeacherError, TokenLogprob, TopLogprob, TransientTeacherError, Usage
+from synth.teachers.base import (
+    Capabilities,
+    ChatRequest,
+    ChatResponse,
+    Completion,
+    PermanentTeacherError,
+    SamplingParams,
+    Teacher,
+    TeacherError,
+    TokenLogprob,
+    TopLogprob,
+    TransientTeacherError,
+    Usage,
+)
 from synth.teachers.config import TeacherConfig
 from synth.teachers.retry import RetryPolicy, call_with_retries, error_for_status
 
