@@ -8,6 +8,7 @@ import sys
 from synth.errors import DistillError
 from synth.teachers.base import TeacherError
 
+
 def command_modules() -> list[str]:
     """Every module in distill/commands that registers a subcommand."""
     import pkgutil

@@ -47,6 +47,13 @@ class JobSummary:
     teacher_errors: int = 0
 
 
+def stage_output(output: str | Path, stage: str) -> Path:
+    """Where a multi-stage command keeps stage `stage`'s records: `out.jsonl` → `out.work/stage.jsonl`."""
+    output = Path(output)
+    stem = output.name[: -len(".jsonl")] if output.name.endswith(".jsonl") else output.name
+    return output.with_name(stem + ".work") / f"{stage}.jsonl"
+
+
 def open_cache(cache_dir: str | Path | None, mode: CacheMode) -> ResponseCache:
     """The response cache for a mode: use (read+write), refresh (write only) or off."""
     return ResponseCache(cache_dir, read=mode == "use", write=mode != "off")

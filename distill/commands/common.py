@@ -9,7 +9,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from synth.errors import ConfigError, describe_validation_error
-from synth.job import RunSettings
+from synth.job import JobSummary, RunSettings
 from synth.teachers import SamplingParams, TeacherConfig, parse_teacher_spec
 
 
@@ -81,3 +81,16 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
         )
     except ValidationError as exc:
         raise ConfigError(f"sampling flags: {describe_validation_error(exc, 'flag')}") from None
+
+
+def print_summary(s: JobSummary) -> None:
+    """Where the output went and what it cost."""
+    print(f"wrote {s.records} records to {s.output}")
+    print(f"rejects: {s.rejected} in {s.rejects}")
+    resumed = f", {s.resumed} resumed from an earlier run" if s.resumed else ""
+    print(
+        f"teacher: {s.requests_sent} requests sent, {s.cache_hits} samples from cache, {s.retries} retries, "
+        f"{s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion tokens in {s.seconds:.1f} s{resumed}"
+    )
+    if s.teacher_errors:
+        print(f"warning: {s.teacher_errors} inputs failed at the teacher (see the rejects); rerun the same command to retry them")

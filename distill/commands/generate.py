@@ -9,12 +9,13 @@ from distill.commands.common import (
     add_cache_flags,
     add_sampling_flags,
     add_teacher_flags,
+    print_summary,
     run_settings,
     sampling_params,
     teacher_config,
 )
 from synth.generators.raw import RawGenerator
-from synth.job import JobSummary, run_job
+from synth.job import run_job
 from synth.prompts import load_template
 
 
@@ -50,16 +51,3 @@ def run(args: argparse.Namespace) -> int:
     summary = run_job(make, args.input, args.output, teacher_config(args), run_settings(args), limit=args.limit)
     print_summary(summary)
     return 0
-
-
-def print_summary(s: JobSummary) -> None:
-    """Where the output went and what it cost."""
-    print(f"wrote {s.records} records to {s.output}")
-    print(f"rejects: {s.rejected} in {s.rejects}")
-    resumed = f", {s.resumed} resumed from an earlier run" if s.resumed else ""
-    print(
-        f"teacher: {s.requests_sent} requests sent, {s.cache_hits} samples from cache, {s.retries} retries, "
-        f"{s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion tokens in {s.seconds:.1f} s{resumed}"
-    )
-    if s.teacher_errors:
-        print(f"warning: {s.teacher_errors} inputs failed at the teacher (see the rejects); rerun the same command to retry them")
