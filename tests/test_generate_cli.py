@@ -63,6 +63,11 @@ def test_rerun_sends_zero_requests_and_more_samples_pay_only_the_difference(tmp_
         refresh = run_cli("generate", "--teacher", teacher, "--input", str(prompts), "--output", str(out), "-n", "2", "--seed", "7", "--quiet", "--refresh", cache=cache)
         assert refresh.returncode == 0 and server.completed == 60
 
+        stored = ResponseCache(cache).count()
+        uncached = run_cli("generate", "--teacher", teacher, "--input", str(prompts), "--output", str(out), "-n", "4", "--seed", "7", "--quiet", "--no-cache", cache=cache)
+        assert uncached.returncode == 0 and server.completed == 80, "--no-cache reads nothing"
+        assert ResponseCache(cache).count() == stored, "--no-cache writes nothing"
+
 
 def test_kill_9_then_rerun_sends_only_what_was_missing(tmp_path):
     prompts = write_prompts(tmp_path / "in.jsonl", 150)
