@@ -1,0 +1,176 @@
+"""What every trainer does the same way: load the student, pick the device, read records, save and plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from synth.errors import ConfigError, InputError
+from trainers.config import TrainConfig, TrainResult
+
+
+def resolve_model(spec: str) -> Path:
+    """A model spec as a local directory: 'embedded' is the converted SmolLM2; anything else a path."""
+    if spec == "embedded":
+        from synth.teachers.embedded import embedded_model_dir
+
+        return embedded_model_dir()
+    path = Path(spec).expanduser()
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model {spec!r}: no Hugging Face model directory there (config.json missing); models are never downloaded")
+    return path
+
+
+def pick_device(config: TrainConfig) -> tuple[str, Any, bool]:
+    """(device, torch dtype, bf16 flag for TRL): chosen at run time so one config runs on CPU and GPU."""
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
+    if config.dtype != "auto":
+        dtype = getattr(torch, config.dtype)
+    elif device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        dtype = torch.bfloat16
+    else:
+        dtype = torch.float32  # TRL's bf16 default fails at start on a CPU
+    return device, dtype, dtype == torch.bfloat16
+
+
+def trl_args(config: TrainConfig) -> dict[str, Any]:
+    """Keyword arguments every TRL config (a TrainingArguments) takes, from our shared settings."""
+    device, _, bf16 = pick_device(config)
+    return dict(
+        output_dir=str(config.output_dir),
+        max_steps=config.max_steps,
+        num_train_epochs=config.epochs,
+        learning_rate=config.learning_rate,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        warmup_steps=config.warmup_ratio,  # transformers 5: a float below 1 is a ratio
+        seed=config.seed,
+        logging_steps=config.logging_steps,
+        save_steps=config.save_steps,
+        save_total_limit=2,
+        eval_strategy="steps" if config.eval_fraction > 0 else "no",
+        eval_steps=config.save_steps,
+        report_to=config.report_to or "none",
+        bf16=bf16,
+        fp16=False,
+        use_cpu=device == "cpu",
+        dataloader_num_workers=0,
+    )
+
+
+def load_tokenizer(path: Path, config: TrainConfig):
+    """The student's tokenizer, with a pad token (the EOS one when it has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=config.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: Path, config: TrainConfig, model_class=None):
+    """The student model in the dtype chosen for this device."""
+    from transformers import AutoModelForCausalLM
+
+    _, dtype, _ = pick_device(config)
+    cls = model_class or AutoModelForCausalLM
+    return cls.from_pretrained(str(path), dtype=dtype, local_files_only=True, trust_remote_code=config.trust_remote_code)
+
+
+def peft_config(config: TrainConfig, task_type: str = "CAUSAL_LM"):
+    """A LoRA config when `lora` is on, else None (full fine-tuning)."""
+    if not config.lora:
+        return None
+    from peft import LoraConfig
+
+    targets = config.lora_target_modules
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets[0] if targets == ["all-linear"] else targets,
+        task_type=task_type,
+    )
+
+
+def load_records(path: Path, columns: set[str]):
+    """The records at `path` as a TRL-format Dataset that has every column in `columns`."""
+    from synth.io import to_hf_dataset
+
+    dataset = to_hf_dataset(path)
+    missing = columns - set(dataset.column_names)
+    if missing:
+        raise InputError(
+            f"{path}: these records have columns {sorted(set(dataset.column_names) - {'id'})}, "
+            f"but this trainer needs {sorted(columns)} (missing: {', '.join(sorted(missing))})"
+        )
+    return dataset
+
+
+def split(dataset, config: TrainConfig):
+    """(train, eval or None) by `eval_fraction`, seeded."""
+    if config.eval_fraction <= 0 or len(dataset) < 2:
+        return dataset, None
+    parts = dataset.train_test_split(test_size=config.eval_fraction, seed=config.seed)
+    return parts["train"], parts["test"]
+
+
+def last_checkpoint(output_dir: Path) -> str | None:
+    """The newest checkpoint-N directory in output_dir, if any."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+
+
+def train_and_save(trainer, config: TrainConfig, tokenizer, extra_metrics: dict[str, float] | None = None) -> TrainResult:
+    """Train (resuming when asked and possible), save a loadable model, metrics.json and training_curves.png."""
+    resume = last_checkpoint(config.output_dir) if config.resume else None
+    output = trainer.train(resume_from_checkpoint=resume)
+    metrics = {k: float(v) for k, v in output.metrics.items() if isinstance(v, (int, float))}
+    if trainer.eval_dataset is not None:
+        metrics.update({k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
+    metrics.update(extra_metrics or {})
+    save_model(trainer.model, tokenizer, config)
+    history = trainer.state.log_history
+    (config.output_dir / "metrics.json").write_text(json.dumps({"final": metrics, "history": history}, indent=2))
+    plot_history(history, config.output_dir / "training_curves.png")
+    return TrainResult(output_dir=config.output_dir, metrics=metrics)
+
+
+def save_model(model, tokenizer, config: TrainConfig) -> None:
+    """Save weights (LoRA merged when asked) and tokenizer so AutoModelForCausalLM loads the directory."""
+    if config.lora and config.merge_lora and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(str(config.output_dir))
+    tokenizer.save_pretrained(str(config.output_dir))
+
+
+def plot_history(history: list[dict[str, Any]], path: Path) -> None:
+    """One panel per logged metric against the step (loss first)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in history:
+        for key, value in row.items():
+            if key in ("step", "epoch") or not isinstance(value, (int, float)) or key.startswith(("train_", "total_flos")):
+                continue
+            series.setdefault(key, []).append((row.get("step", 0), float(value)))
+    keys = sorted(series, key=lambda k: (k != "loss", k))[:6]
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        steps, values = zip(*series[key])
+        ax.plot(steps, values, marker="." if len(steps) < 30 else None)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
