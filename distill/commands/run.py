@@ -1,0 +1,76 @@
+"""`distill run RECIPE.yaml`: run a recipe's stages in order, skipping those already done."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+from distill.recipe import clear_outputs, fingerprint, load_recipe, mark, status
+
+
+def register(sub) -> None:
+    """Add the `run` command."""
+    p = sub.add_parser(
+        "run",
+        help="run a recipe: synth → train → eval, resumable",
+        description="Runs each stage of a recipe (any distill command with its settings). A stage whose arguments, "
+        "inputs and code are unchanged since it finished is skipped; an interrupted one resumes from its cache "
+        "or checkpoint.",
+    )
+    p.add_argument("recipe", help="the recipe YAML file")
+    p.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun this stage and every later one")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and what is already done; run nothing")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run (or plan) the recipe; stops at the first stage that fails."""
+    from distill.cli import main as distill_main
+    from synth.errors import ConfigError
+
+    recipe = load_recipe(args.recipe)
+    names = [s.name for s in recipe.stages]
+    if args.from_stage is not None and args.from_stage not in names:
+        raise ConfigError(f"--from {args.from_stage}: no such stage (stages: {', '.join(names)})")
+    forced = names[names.index(args.from_stage):] if args.from_stage else []
+    print(f"recipe {recipe.name}: {len(recipe.stages)} stages")
+    pending: set[str] = set()
+    for i, stage in enumerate(recipe.stages, start=1):
+        line = f"[{i}/{len(recipe.stages)}] {stage.name}: distill {' '.join(stage.argv)}"
+        waiting = [d for d in stage.depends if d in pending]
+        if args.dry_run and waiting:
+            print(f"{line}\n    todo (after {', '.join(waiting)})")
+            pending.add(stage.name)
+            continue
+        # Fingerprinted only now: the inputs are what the earlier stages just wrote.
+        stage.fingerprint = fingerprint(stage)
+        state = "todo" if stage.name in forced else status(recipe, stage)
+        if args.dry_run:
+            print(f"{line}\n    {state}")
+            if state != "done":
+                pending.add(stage.name)
+            continue
+        if state == "done":
+            print(f"{line}\n    done already (unchanged): skipped")
+            continue
+        if state == "todo":
+            clear_outputs(stage)
+        else:
+            print("    resuming an interrupted run")
+        print(line, flush=True)
+        mark(recipe, stage, "running")
+        started = time.monotonic()
+        code = distill_main(stage.argv)
+        gc.collect()  # stages load models; let the next one start with the memory back
+        if code != 0:
+            print(f"stage {stage.name} failed (exit {code}); fix it and rerun: finished stages are kept")
+            return code
+        mark(recipe, stage, "done")
+        print(f"    done in {time.monotonic() - started:.0f} s")
+    if not args.dry_run:
+        outputs = [(s.name, s.output) for s in recipe.stages if s.output is not None]
+        print("outputs:")
+        for name, out in outputs:
+            print(f"  {name}: {out}")
+    return 0

@@ -1,0 +1,97 @@
+"""Recipes: stages feed each other by name, reruns skip finished stages, typos fail before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distill.recipe import load_recipe
+from synth.errors import ConfigError
+from tests.tiny_models import make_tiny_llama
+
+
+def distill(*args: str, cache: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "BBD_RESPONSE_CACHE": str(cache), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "distill", *args], capture_output=True, text=True, env=full_env, timeout=300)
+
+
+def write_recipe(tmp_path: Path, base_url: str, model: Path, extra: str = "") -> Path:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"What color is thing {i}?"}) + "\n" for i in range(6)))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""
+name: mini
+work_dir: {tmp_path}/run
+vars:
+  out: {tmp_path}/run
+teacher: openai:echo@{base_url}
+stages:
+  - name: answers
+    command: generate
+    input: {prompts}
+    output: ${{out}}/answers.jsonl
+    max_tokens: 16
+    quiet: true
+  - name: sft
+    command: train sft
+    model: {model}
+    data: "@answers"
+    output_dir: ${{out}}/student
+    max_steps: ${{STEPS}}
+    batch_size: 2
+    max_length: 64
+{extra}""")
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def test_recipe_runs_skips_when_unchanged_and_reruns_from_a_stage(tmp_path, tiny, fault_server):
+    recipe = write_recipe(tmp_path, fault_server.base_url, tiny)
+    env = {"STEPS": "2"}
+    first = distill("run", str(recipe), cache=tmp_path / "cache", env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert (tmp_path / "run/answers.jsonl").exists() and (tmp_path / "run/student/config.json").exists()
+    assert fault_server.received == 6
+
+    plan = distill("run", str(recipe), "--dry-run", cache=tmp_path / "cache", env=env)
+    assert plan.stdout.count("    done") == 2, plan.stdout
+
+    again = distill("run", str(recipe), cache=tmp_path / "cache", env=env)
+    assert again.returncode == 0 and again.stdout.count("skipped") == 2
+    assert fault_server.received == 6, "a rerun makes no teacher call"
+
+    changed = distill("run", str(recipe), cache=tmp_path / "cache", env={"STEPS": "3"})
+    assert changed.returncode == 0 and changed.stdout.count("skipped") == 1, "only the changed stage reruns"
+    history = json.loads((tmp_path / "run/student/metrics.json").read_text())["history"]
+    assert max(row.get("step", 0) for row in history) == 3
+
+    forced = distill("run", str(recipe), "--from", "answers", cache=tmp_path / "cache", env={"STEPS": "3"})
+    assert forced.returncode == 0 and "skipped" not in forced.stdout
+    assert fault_server.received == 6, "a forced rerun still answers from the cache"
+
+
+def test_typos_and_unknown_refs_fail_before_any_work(tmp_path, tiny):
+    os.environ["STEPS"] = "1"
+    bad_key = write_recipe(tmp_path, "http://127.0.0.1:9/v1", tiny, extra="    lerning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"stage 'sft' \(train sft\): unknown key 'lerning_rate'"):
+        load_recipe(bad_key)
+    bad_ref = tmp_path / "ref.yaml"
+    bad_ref.write_text("stages:\n  - name: a\n    command: train sft\n    data: '@nope'\n")
+    with pytest.raises(ConfigError, match="'@nope' names no earlier stage"):
+        load_recipe(bad_ref)
+    bad_var = tmp_path / "var.yaml"
+    bad_var.write_text("stages:\n  - name: a\n    command: train sft\n    data: ${NOT_SET_ANYWHERE}\n")
+    with pytest.raises(ConfigError, match=r"\$\{NOT_SET_ANYWHERE\} is not set"):
+        load_recipe(bad_var)
+    result = distill("run", str(bad_key), cache=tmp_path / "cache")
+    assert result.returncode == 1 and "unknown key 'lerning_rate'" in result.stderr
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").glob("*.jsonl"))
