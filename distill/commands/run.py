@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import time
+from pathlib import Path
 
 from distill.recipe import clear_outputs, fingerprint, load_recipe, mark, status
 
@@ -27,6 +28,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run (or plan) the recipe; stops at the first stage that fails."""
     from distill.cli import main as distill_main
+    from synth.datacard import write_data_card
     from synth.errors import ConfigError
 
     recipe = load_recipe(args.recipe)
@@ -66,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
         if code != 0:
             print(f"stage {stage.name} failed (exit {code}); fix it and rerun: finished stages are kept")
             return code
+        if stage.output is not None and stage.output.suffix == ".jsonl" and stage.output.is_file():
+            inputs = [v for k, v in stage.settings.items() if k not in ("output", "teacher") and isinstance(v, str) and Path(v).exists()]
+            print(f"    data card: {write_data_card(stage.output, inputs)}")
         mark(recipe, stage, "done")
         print(f"    done in {time.monotonic() - started:.0f} s")
     if not args.dry_run:
