@@ -59,6 +59,8 @@ def trl_args(config: TrainConfig) -> dict[str, Any]:
         fp16=False,
         use_cpu=device == "cpu",
         dataloader_num_workers=0,
+        # TRL turns this on by default; on small students it only costs time.
+        gradient_checkpointing=config.gradient_checkpointing,
     )
 
 

@@ -40,6 +40,7 @@ class TrainConfig(BaseModel):
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on LoRA inputs.")
     lora_target_modules: list[str] = Field(default_factory=lambda: ["all-linear"], description="Modules to adapt.")
     merge_lora: bool = Field(True, description="Merge the adapters into the saved model, so it loads with AutoModelForCausalLM alone.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less memory, ~30 % slower; for large students.")
     report_to: list[str] = Field(default_factory=list, description="Trackers (wandb, tensorboard, ...); none by default.")
 
 

@@ -1,0 +1,121 @@
+"""DPO: TRL's DPOTrainer on preference pairs, with β and its loss variants exposed."""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from synth.errors import ConfigError
+from trainers.common import (
+    load_model,
+    load_records,
+    load_tokenizer,
+    peft_config,
+    resolve_model,
+    split,
+    train_and_save,
+    trl_args,
+)
+from trainers.config import TrainConfig, TrainResult
+
+PAIR_COLUMNS = {"prompt", "chosen", "rejected"}
+
+#: The values trl 1.12's DPOConfig.loss_type accepts (tests check this against TRL's own list).
+LossType = Literal[
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+    "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+]
+
+#: TRL's logged DPO statistics reported in the metrics, first and last logged value of each.
+REPORTED = ("rewards/margins", "rewards/accuracies")
+
+
+class DPOSettings(TrainConfig):
+    """Direct preference optimisation of the student on chosen/rejected pairs."""
+
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model (τ for the ipo loss).")
+    loss_type: LossType = Field("sigmoid", description="DPO loss variant: sigmoid is the original DPO, ipo, hinge, robust, ... as in TRL.")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Probability a preference label is flipped (robust) or ε (exo_pair, which needs it > 0)."
+    )
+    ref_model: str | None = Field(
+        None, description="Reference model dir (same tokenizer); default: a frozen copy of the student, or the student with adapters off under LoRA."
+    )
+    precompute_ref_log_probs: bool = Field(
+        False, description="Score the pairs with the reference once before training, so it need not stay in memory."
+    )
+
+    @model_validator(mode="after")
+    def _exo_needs_smoothing(self):
+        if self.loss_type == "exo_pair" and self.label_smoothing == 0:
+            raise ValueError("loss_type exo_pair needs label_smoothing > 0 (1e-3 is usual)")
+        return self
+
+
+def build_trainer(config: DPOSettings):
+    """The TRL DPOTrainer for a config, with its tokenizer."""
+    from trl import DPOConfig, DPOTrainer
+
+    path = resolve_model(config.model)
+    tokenizer = load_tokenizer(path, config)
+    train, evaluation = split(load_records(config.data, PAIR_COLUMNS), config)
+    args = DPOConfig(
+        **trl_args(config),
+        max_length=config.max_length,
+        beta=config.beta,
+        loss_type=[config.loss_type],
+        label_smoothing=config.label_smoothing,
+        precompute_ref_log_probs=config.precompute_ref_log_probs,
+    )
+    return DPOTrainer(
+        model=load_model(path, config),
+        ref_model=reference_model(config, path, tokenizer),
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        peft_config=peft_config(config),
+    ), tokenizer
+
+
+def reference_model(config: DPOSettings, student_path, tokenizer):
+    """π_ref: the named model, else a frozen copy of the student; None where TRL needs none (LoRA, precomputed)."""
+    if config.ref_model is not None:
+        path = resolve_model(config.ref_model)
+        if load_tokenizer(path, config).get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(f"ref_model {config.ref_model!r}: its tokenizer differs from the student's; DPO compares their log-probs token by token")
+        return load_model(path, config)
+    if config.lora or config.precompute_ref_log_probs:
+        return None
+    # Loaded here rather than by TRL so the copy gets the student's dtype (TRL's own copy would be fp32).
+    return load_model(student_path, config)
+
+
+def logged_extremes(history: list[dict]) -> dict[str, float]:
+    """First and last training-time value of each statistic in REPORTED, e.g. 'rewards/margins_last'."""
+    found = {}
+    for key in REPORTED:
+        values = [row[key] for row in history if key in row]
+        if values:
+            found[f"{key}_first"], found[f"{key}_last"] = float(values[0]), float(values[-1])
+    return found
+
+
+def train(config: DPOSettings) -> TrainResult:
+    """Optimise the student on the pairs; returns where the model went and its metrics (reward margin included)."""
+    trainer, tokenizer = build_trainer(config)
+    result = train_and_save(trainer, config, tokenizer)
+    extra = logged_extremes(trainer.state.log_history)
+    result.metrics.update(extra)
+    path = result.output_dir / "metrics.json"
+    saved = json.loads(path.read_text())
+    saved["final"].update(extra)
+    path.write_text(json.dumps(saved, indent=2))
+    return result
+
+
+#: `distill train dpo`: discovered by the CLI through these two names.
+METHOD = "dpo"
+CONFIG = DPOSettings

@@ -1,0 +1,117 @@
+"""Reward model: TRL's RewardTrainer (Bradley–Terry) on preference pairs, with held-out pairwise accuracy."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from types import SimpleNamespace
+
+from pydantic import Field
+
+from trainers.common import (
+    load_model,
+    load_records,
+    load_tokenizer,
+    peft_config,
+    resolve_model,
+    split,
+    train_and_save,
+    trl_args,
+)
+from trainers.config import TrainConfig, TrainResult
+
+PAIR_COLUMNS = {"prompt", "chosen", "rejected"}
+
+
+class RewardSettings(TrainConfig):
+    """A scalar reward model r(prompt, answer) trained so that r(chosen) > r(rejected)."""
+
+    eval_fraction: float = Field(0.2, ge=0, lt=1, description="Held-out fraction of the pairs; pairwise accuracy is measured on it.")
+    center_rewards_coefficient: float | None = Field(
+        None, ge=0, description="Weight of a penalty on the mean reward, keeping rewards centred on zero (0.01 is usual; off by default)."
+    )
+
+
+def build_trainer(config: RewardSettings):
+    """The TRL RewardTrainer for a config, with its tokenizer; the reward head starts from the student's weights."""
+    from transformers import set_seed
+    from trl import RewardConfig, RewardTrainer
+
+    path = resolve_model(config.model)
+    tokenizer = load_tokenizer(path, config)
+    train, evaluation = split(load_records(config.data, PAIR_COLUMNS), config)
+    args = RewardConfig(**trl_args(config), max_length=config.max_length, center_rewards_coefficient=config.center_rewards_coefficient)
+    set_seed(config.seed)  # the score head is initialised at random when the model loads
+    model = load_model(path, config, one_score_classifier())
+    # The classifier scores the last non-pad token, so it must know which token pads.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        peft_config=peft_config(config, "SEQ_CLS"),
+    )
+    return trainer, tokenizer
+
+
+def one_score_classifier():
+    """AutoModelForSequenceClassification with one output, the reward (also for an unmerged LoRA dir, whose base has two)."""
+    from transformers import AutoModelForSequenceClassification
+
+    return SimpleNamespace(from_pretrained=partial(AutoModelForSequenceClassification.from_pretrained, num_labels=1))
+
+
+def pairwise_accuracy(model, pairs, pad_token_id: int, batch_size: int = 8) -> float:
+    """Fraction of tokenised pairs (chosen_ids, rejected_ids) where the model scores chosen above rejected."""
+    import torch
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    wins = 0
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            rows = pairs[start : start + batch_size]
+            seqs = rows["chosen_ids"] + rows["rejected_ids"]
+            ids = torch.full((len(seqs), max(map(len, seqs))), pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, seq in enumerate(seqs):
+                ids[i, : len(seq)] = torch.tensor(seq)
+                mask[i, : len(seq)] = 1
+            scores = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0]
+            half = len(rows["chosen_ids"])
+            wins += int((scores[:half] > scores[half:]).sum())
+    model.train(was_training)
+    return wins / len(pairs)
+
+
+def train(config: RewardSettings) -> TrainResult:
+    """Train the reward model; its directory loads with AutoModelForSequenceClassification and carries the tokenizer."""
+    trainer, tokenizer = build_trainer(config)
+    held_out = trainer.eval_dataset  # tokenised by TRL: chosen_ids / rejected_ids
+    before = {}
+    if held_out is not None and len(held_out):
+        before["pairwise_accuracy_before"] = pairwise_accuracy(trainer.model, held_out, tokenizer.pad_token_id, config.batch_size)
+    result = train_and_save(trainer, config, tokenizer, before)
+    if before:
+        # Measured on the saved directory, so the number describes what PPO/GRPO/RLOO will load.
+        saved = load_model(config.output_dir, config, one_score_classifier()).to(trainer.args.device)
+        after = {"pairwise_accuracy": pairwise_accuracy(saved, held_out, tokenizer.pad_token_id, config.batch_size)}
+        _amend_metrics(result, after)
+    return result
+
+
+def _amend_metrics(result: TrainResult, extra: dict[str, float]) -> None:
+    """Add metrics known only after saving to the result and to metrics.json."""
+    result.metrics.update(extra)
+    path = result.output_dir / "metrics.json"
+    saved = json.loads(path.read_text())
+    saved["final"].update(extra)
+    path.write_text(json.dumps(saved, indent=2))
+
+
+#: `distill train reward`: discovered by the CLI through these two names.
+METHOD = "reward"
+CONFIG = RewardSettings
