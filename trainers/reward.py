@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from functools import partial
+from pathlib import Path
 from types import SimpleNamespace
 
 from pydantic import Field
@@ -26,6 +27,7 @@ PAIR_COLUMNS = {"prompt", "chosen", "rejected"}
 class RewardSettings(TrainConfig):
     """A scalar reward model r(prompt, answer) trained so that r(chosen) > r(rejected)."""
 
+    output_dir: Path = Field(Path("out/reward"), description="Where the reward model goes (PPO, GRPO and RLOO read it from here by default).")
     eval_fraction: float = Field(0.2, ge=0, lt=1, description="Held-out fraction of the pairs; pairwise accuracy is measured on it.")
     center_rewards_coefficient: float | None = Field(
         None, ge=0, description="Weight of a penalty on the mean reward, keeping rewards centred on zero (0.01 is usual; off by default)."

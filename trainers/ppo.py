@@ -1,0 +1,192 @@
+"""PPO: TRL's PPOTrainer against a reward model, maximising r(x, y) - kl_coef * KL(policy || SFT student).
+
+The policy and the frozen reference both start from `model` (the SFT student); the value
+model starts from the reward model. Steps: each of `max_steps` PPO updates samples one
+completion for each of batch_size x grad_accum (x GPUs) prompts, so TRL's `total_episodes`
+is max_steps x that batch (or epochs x prompts when max_steps is -1).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import warnings
+from contextlib import contextmanager
+from typing import Literal
+
+from pydantic import Field
+
+from synth.errors import ConfigError
+from trainers.common import (
+    last_checkpoint,
+    load_model,
+    load_tokenizer,
+    peft_config,
+    pick_device,
+    split,
+    trl_args,
+)
+from trainers.config import TrainResult
+from trainers.rl_common import (
+    RLSettings,
+    evaluation_prompts,
+    finish,
+    fit_prompts,
+    load_prompts,
+    load_reward_model,
+    mean_sampled_reward,
+    numbers,
+    policy_dir,
+    prompt_text,
+    reward_model_dir,
+)
+
+CURVES = ["objective/scores", "objective/rlhf_reward", "objective/kl", "loss/policy_avg", "loss/value_avg", "policy/entropy_avg"]
+
+
+class PPOSettings(RLSettings):
+    """PPO against a reward model, with a value model and a KL penalty to the starting student."""
+
+    kl_coef: float = Field(0.05, ge=0, description="beta: weight of the KL(policy || reference) penalty in the reward.")
+    response_length: int = Field(64, ge=1, description="Tokens sampled per completion (stops earlier at EOS).")
+    num_ppo_epochs: int = Field(4, ge=1, description="PPO passes over each batch of samples.")
+    num_mini_batches: int = Field(1, ge=1, description="Minibatches each batch is split into per PPO pass.")
+    cliprange: float = Field(0.2, gt=0, description="PPO clipping range of the policy ratio.")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="KL estimator in the reward: k1 (unbiased) or k3 (lower variance).")
+    missing_eos_penalty: float | None = Field(None, ge=0, description="Subtracted from the score of completions that never end (none by default).")
+
+
+def build_trainer(config: PPOSettings):
+    """(PPOTrainer, the prompts the before/after reward is measured on, metrics so far) for a config."""
+    with warnings.catch_warnings():  # we know PPO lives in trl.experimental (TRL 1.12 is pinned for it)
+        warnings.filterwarnings("ignore", message=".*trl.experimental")
+        from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    reward_model_dir(config)  # fail before loading anything
+    path = policy_dir(config)
+    tokenizer = load_tokenizer(path, config)
+    tokenizer.padding_side = "left"  # PPO generates from the right end of a batch of prompts
+    prompts, skipped = fit_prompts(load_prompts(config.data), tokenizer, config)
+    train_set, held_out = split(prompts, config)
+    encoded = train_set.map(lambda row: {"input_ids": tokenizer(prompt_text(row["prompt"], tokenizer), add_special_tokens=False)["input_ids"]})
+    distinct_pad(tokenizer, encoded["input_ids"])
+    check_shared_vocab(config, tokenizer)
+    per_step = config.batch_size * config.grad_accum
+    if per_step % config.num_mini_batches:
+        raise ConfigError(f"num_mini_batches={config.num_mini_batches} must divide batch_size x grad_accum = {per_step}")
+
+    device, _, _ = pick_device(config)
+    policy = load_model(path, config).to(device)  # on the device already for the before-training samples
+    reward = load_reward_model(config).to(device)
+    eval_prompts = evaluation_prompts(train_set, held_out, config)
+    before = mean_sampled_reward(policy, tokenizer, reward, tokenizer, eval_prompts, config, config.response_length)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    base = trl_args(config)
+    base.update(eval_strategy="no", max_steps=-1)  # PPO counts episodes, and samples its own evaluation below
+    args = PPOConfig(
+        **base,
+        total_episodes=config.max_steps * per_step * world if config.max_steps > 0 else None,
+        num_sample_generations=0,
+        response_length=config.response_length,
+        temperature=config.temperature,
+        kl_coef=config.kl_coef,
+        kl_estimator=config.kl_estimator,
+        num_ppo_epochs=config.num_ppo_epochs,
+        num_mini_batches=config.num_mini_batches,
+        cliprange=config.cliprange,
+        vf_coef=config.vf_coef,
+        missing_eos_penalty=config.missing_eos_penalty,
+        stop_token="eos",
+    )
+    trainer = PPOTrainer(
+        args=args,
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=None if config.lora else load_model(path, config),  # LoRA: the adapter-free policy is the reference
+        reward_model=reward,
+        value_model=load_reward_model(config),
+        train_dataset=encoded.select_columns(["input_ids"]),
+        peft_config=peft_config(config),
+    )
+    return trainer, eval_prompts, {"reward_before": before, "prompts_skipped": float(skipped)}
+
+
+def distinct_pad(tokenizer, prompt_ids: list[list[int]]) -> None:
+    """Give PPO a pad token that is neither EOS nor in any prompt.
+
+    PPOTrainer finds prompt padding and where each completion ends by comparing tokens with
+    pad_token_id, so a pad equal to EOS (SmolLM2's `<|im_end|>`, which ChatML puts inside every
+    prompt) would mask real prompt tokens and hide the end of each completion.
+    """
+    used = {i for ids in prompt_ids for i in ids}
+    if tokenizer.pad_token_id not in used and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    vocab = tokenizer.get_vocab()
+    for token in [tokenizer.unk_token, *tokenizer.all_special_tokens, *(t.content for t in tokenizer.added_tokens_decoder.values())]:
+        if token in vocab and vocab[token] not in used and vocab[token] != tokenizer.eos_token_id:
+            tokenizer.pad_token = token
+            return
+    raise ConfigError(
+        f"PPO needs a padding token that is not EOS and never occurs in a prompt; {tokenizer.pad_token!r} is one of those "
+        "and the tokenizer has no other special token to use: add a pad token to the student's tokenizer"
+    )
+
+
+def check_shared_vocab(config: PPOSettings, tokenizer) -> None:
+    """PPO feeds the policy's token ids to the reward model: refuse one with another vocabulary."""
+    path = reward_model_dir(config)
+    vocab_size = json.loads((path / "config.json").read_text()).get("vocab_size")
+    if vocab_size is not None and vocab_size < len(tokenizer):
+        raise ConfigError(f"reward_model {str(path)!r}: vocabulary of {vocab_size} tokens, smaller than the student's {len(tokenizer)}; PPO needs the student's tokenizer")
+    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+        if load_tokenizer(path, config).get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(f"reward_model {str(path)!r}: its tokenizer differs from the student's; PPO needs a reward model on the student's tokenizer (GRPO and RLOO do not)")
+
+
+def starting_checkpoint(config: PPOSettings):
+    """PPOTrainer cannot resume its own checkpoints; refuse to silently start over on top of one."""
+    found = last_checkpoint(config.output_dir) if config.resume else None
+    if found:
+        raise ConfigError(
+            f"{found}: PPO cannot resume a checkpoint (TRL's PPOTrainer has no resume); "
+            f"continue from it with --model {found}, or pass --no-resume to start over"
+        )
+
+
+@contextmanager
+def frozen_heap():
+    """Keep what exists now out of the garbage collector's sweeps while inside.
+
+    PPOTrainer calls gc.collect() twice per step; each walks every object the imports of
+    torch/transformers/TRL made (0.7 s a call on a CPU here), which freezing skips.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def train(config: PPOSettings) -> TrainResult:
+    """Run PPO from the student against the reward model; returns the saved policy and its metrics."""
+    starting_checkpoint(config)
+    trainer, eval_prompts, metrics = build_trainer(config)
+    with frozen_heap():
+        trainer.train()
+    policy = trainer.accelerator.unwrap_model(trainer.model).policy  # the value head stays behind
+    history = trainer.state.log_history
+    metrics.update({k: v for k, v in numbers(history[-1]).items() if k in CURVES} if history else {})
+    after_policy = policy.merge_and_unload() if config.lora and config.merge_lora else policy
+    metrics["reward_after"] = mean_sampled_reward(
+        after_policy, trainer.processing_class, trainer.reward_model, trainer.processing_class, eval_prompts, config, config.response_length
+    )
+    finish(after_policy, load_tokenizer(policy_dir(config), config), config, history, metrics, CURVES)
+    return TrainResult(output_dir=config.output_dir, metrics=metrics)
+
+
+#: `distill train ppo`: discovered by the CLI through these two names.
+METHOD = "ppo"
+CONFIG = PPOSettings
