@@ -158,7 +158,16 @@ def _subparser(parser: argparse.ArgumentParser, command: list[str], stage: str, 
 
 
 def _flags_of(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    return {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
+    """Recipe keys a command accepts: each flag's long name with underscores (`--max-steps` → max_steps), and its dest."""
+    keys = {}
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        keys[action.dest] = action
+        for flag in action.option_strings:
+            if flag.startswith("--"):
+                keys[flag[2:].replace("-", "_")] = action
+    return keys
 
 
 def _resolve_refs(value: Any, outputs: dict[str, Path | None], stage: str, path: Path) -> Any:
