@@ -1,0 +1,66 @@
+"""`distill curate`: questions written to a taxonomy's cells (or a grown topic tree), then answered."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from distill.commands.common import (
+    add_cache_flags,
+    add_teacher_flags,
+    run_settings,
+    teacher_config,
+)
+from distill.config_flags import add_config_flags, load_config
+from synth.generators.curate_run import CurateConfig, CurateResult, run_curate
+
+
+def register(sub) -> None:
+    """Add the `curate` command."""
+    p = sub.add_parser(
+        "curate",
+        help="generate questions from meta-information (a taxonomy or a grown topic tree) and answer them",
+        description="Every combination of (leaf topic, task type, difficulty[, knowledge point]) in a taxonomy "
+        "is a cell; the teacher writes --per-cell questions for each cell (or a seeded sample of --max-cells "
+        "cells), exact duplicates are dropped, and the teacher answers the rest. With --root-topic the teacher "
+        "first grows the topic tree and it is written beside the output as OUT.tree.yaml (edit it, then pass "
+        "it back with --taxonomy). Records are TRL prompt/completion chats with the cell in `meta`; a coverage "
+        "summary (OUT.coverage.json, OUT.coverage.md) and one rejects file go beside the output. Every response "
+        "is cached: a rerun sends nothing.",
+    )
+    p.add_argument("--output", required=True, type=Path, help="JSON Lines of SFT examples; rejects, coverage and tree go beside it")
+    add_config_flags(p, CurateConfig)
+    add_teacher_flags(p)
+    add_cache_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the command."""
+    config = load_config(args, CurateConfig)
+    result = run_curate(config, args.output, teacher_config(args), run_settings(args))
+    print_result(result)
+    return 0
+
+
+def print_result(r: CurateResult) -> None:
+    """Where everything went, and what the teacher was asked."""
+    if r.tree is not None:
+        print(f"topic tree: {r.tree}")
+    print(f"cells: {r.cells} of {r.cells_total}; questions kept: {r.questions} ({r.duplicates} duplicates dropped)")
+    print(f"wrote {r.records} records to {r.output}")
+    print(f"rejects: {r.rejected} in {r.rejects}")
+    print(f"coverage: {r.coverage_json} and {r.coverage_md} ({r.empty_cells} of {r.cells} cells without records)")
+    stages = r.stages.values()
+    sent = sum(s.requests_sent for s in stages)
+    hits = sum(s.cache_hits for s in stages)
+    tokens_in = sum(s.prompt_tokens for s in stages)
+    tokens_out = sum(s.completion_tokens for s in stages)
+    seconds = sum(s.seconds for s in stages)
+    print(
+        f"teacher: {sent} requests sent, {hits} samples from cache, {tokens_in:,} prompt + {tokens_out:,} completion tokens "
+        f"in {seconds:.1f} s over stages {', '.join(r.stages)}"
+    )
+    errors = sum(s.teacher_errors for s in stages)
+    if errors:
+        print(f"warning: {errors} requests failed at the teacher (see the rejects); rerun the same command to retry them")
