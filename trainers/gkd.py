@@ -1,0 +1,93 @@
+"""GKD: on-policy distillation from a white-box teacher held locally (TRL's experimental GKDTrainer).
+
+For users who can run the teacher: at each step, with probability lmbda the student
+samples its own answers and the teacher scores them token by token; otherwise the
+records' answers are used. The loss is TRL's generalised JSD(beta) over the full
+vocabulary at `temperature`. (TRL's DistillationTrainer covers the fully on-policy
+case, lmbda = 1, with vLLM generation; GKDTrainer also mixes in the records.)
+The teacher and the student must share a tokenizer.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from trainers.config import TrainConfig, TrainResult
+
+
+class GKDSettings(TrainConfig):
+    """Generalised knowledge distillation from a local teacher model."""
+
+    teacher_model: str = Field("embedded", description="Teacher: a local Hugging Face model directory, or 'embedded'; must share the student's tokenizer.")
+    lmbda: float = Field(0.5, ge=0, le=1, description="Fraction of steps trained on the student's own samples (on-policy) instead of the records.")
+    beta: float = Field(0.5, ge=0, le=1, description="Generalised JSD weight: 0 forward KL, 1 reverse KL, 0.5 symmetric JSD.")
+    temperature: float = Field(0.9, gt=0, description="Sampling temperature of the on-policy answers.")
+    max_new_tokens: int = Field(128, ge=1, description="Longest on-policy answer, in tokens.")
+
+
+def as_messages(dataset):
+    """prompt/completion rows as `messages` (GKD's collator reads chats)."""
+    if "messages" in dataset.column_names:
+        return dataset
+
+    def join(example):
+        prompt, completion = example["prompt"], example["completion"]
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        if isinstance(completion, str):
+            completion = [{"role": "assistant", "content": completion}]
+        return {"messages": prompt + completion}
+
+    return dataset.map(join, remove_columns=["prompt", "completion"])
+
+
+def build_trainer(config: GKDSettings):
+    """(GKDTrainer, tokenizer) for a config, after checking teacher and student share a vocabulary."""
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from synth.errors import ConfigError, InputError
+    from trainers.common import (
+        load_model,
+        load_records,
+        load_tokenizer,
+        peft_config,
+        resolve_model,
+        split,
+        trl_args,
+    )
+    from trainers.kd_data import vocab_fingerprint
+
+    path, teacher_path = resolve_model(config.model), resolve_model(config.teacher_model)
+    tokenizer, teacher_tokenizer = load_tokenizer(path, config), load_tokenizer(teacher_path, config)
+    if vocab_fingerprint(tokenizer) != vocab_fingerprint(teacher_tokenizer):
+        raise ConfigError(
+            f"GKD compares full next-token distributions, so the student's tokenizer ({path}) must be the teacher's "
+            f"({teacher_path}); their vocabularies differ"
+        )
+    dataset = load_records(config.data, set())
+    columns = set(dataset.column_names)
+    if not ({"messages"} <= columns or {"prompt", "completion"} <= columns):
+        raise InputError(f"{config.data}: GKD needs 'messages' or 'prompt'/'completion' records, found columns {sorted(columns - {'id'})}")
+    train, evaluation = split(as_messages(dataset), config)
+    args = GKDConfig(
+        **trl_args(config), max_length=config.max_length, lmbda=config.lmbda, beta=config.beta,
+        temperature=config.temperature, max_new_tokens=config.max_new_tokens,
+    )  # fmt: skip
+    trainer = GKDTrainer(
+        model=load_model(path, config), teacher_model=load_model(teacher_path, config), args=args, train_dataset=train,
+        eval_dataset=evaluation, processing_class=tokenizer, peft_config=peft_config(config),
+    )  # fmt: skip
+    return trainer, tokenizer
+
+
+def train(config: GKDSettings) -> TrainResult:
+    """Distill the student from the local teacher; returns where the model went and its metrics."""
+    from trainers.common import train_and_save
+
+    trainer, tokenizer = build_trainer(config)
+    return train_and_save(trainer, config, tokenizer)
+
+
+#: `distill train gkd`: discovered by the CLI through these two names.
+METHOD = "gkd"
+CONFIG = GKDSettings

@@ -1,0 +1,276 @@
+"""Soft labels for KD: read from the records, proved to share the student's vocabulary, aligned row by row.
+
+The teacher's top-k logprobs travel WITH each example: after TRL tokenizes a row, the
+row's own soft labels are looked up by its record id and stored in the row as
+`kd_start` (the index in input_ids of the first completion token) and `kd_ids` /
+`kd_logprobs` (one list of k candidates per completion token). The collator pads them
+into (batch, length, k) tensors at the positions of the tokens they predict. Shuffling,
+gradient accumulation and several GPUs move rows, never the labels inside a row.
+
+A row is used only where the student's own tokenization of the completion equals the
+teacher's generated tokens (ids where the backend gave ids, token strings otherwise);
+other rows are skipped and counted, and if none is left the error says why.
+
+HTTP backends store candidate token strings without ids: each is mapped to the student
+token that decodes to exactly that string. Strings no single token decodes to (partial
+UTF-8 bytes, ambiguous pieces) are dropped from the candidates, so their probability
+mass lands in the tail bucket instead of being lost or misassigned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from synth.errors import ConfigError, InputError
+from synth.teachers.embedded import EMBEDDED_TOKENIZER_NAME
+
+KD_COLUMNS = ["kd_start", "kd_ids", "kd_logprobs"]
+#: Tokenizers we know by vocabulary hash, so a student is checked against them without their files.
+KNOWN_VOCABS = {EMBEDDED_TOKENIZER_NAME: "1e1f19caccf1afb4"}
+
+
+def vocab_fingerprint(tokenizer) -> str:
+    """A short hash of (token, id) over the whole vocabulary, added tokens included."""
+    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    blob = json.dumps(items, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def check_tokenizer(tokenizer, recorded: set[str | None], teacher_tokenizer: str | None = None) -> str:
+    """Refuse a student whose vocabulary differs from the teacher's; say how the match was established.
+
+    A derived student carries its teacher's tokenizer files under another directory name,
+    so names are not compared: vocabulary hashes are.
+    """
+    named = sorted(n for n in recorded if n)
+    if len(named) > 1:
+        raise InputError(f"the soft labels come from several tokenizers ({', '.join(named)}); KD needs one teacher vocabulary")
+    source = teacher_tokenizer or (named[0] if named else None)
+    if source is None:
+        return "the records name no tokenizer (an HTTP teacher): each row is checked against the student's tokenization"
+    mine = vocab_fingerprint(tokenizer)
+    if source == "embedded":
+        source = EMBEDDED_TOKENIZER_NAME
+    if source in KNOWN_VOCABS:
+        theirs = KNOWN_VOCABS[source]
+    elif Path(source).expanduser().is_dir():
+        from transformers import AutoTokenizer
+
+        theirs = vocab_fingerprint(AutoTokenizer.from_pretrained(str(Path(source).expanduser()), local_files_only=True))
+    elif source == tokenizer.name_or_path:
+        return f"same tokenizer name {source!r}"
+    else:
+        raise ConfigError(
+            f"the soft labels were made with tokenizer {source!r}, which is not a directory here, so the student's "
+            "vocabulary cannot be checked against it; pass --teacher-tokenizer DIR (a directory with the teacher's tokenizer files)"
+        )
+    if theirs != mine:
+        raise ConfigError(
+            f"the student's tokenizer ({tokenizer.name_or_path}: {len(tokenizer)} tokens, vocabulary hash {mine}) is not "
+            f"the teacher's ({source}: vocabulary hash {theirs}); top-k KD compares token ids, so the student must use "
+            "the teacher's tokenizer (derive it from the teacher, or train on the text with `distill train sft`)"
+        )
+    return f"vocabulary hash {mine} equals the teacher's ({source})"
+
+
+@dataclass
+class SoftRow:
+    """One record's soft labels, compact: (n, k) arrays, -1 where a candidate is missing or unmapped."""
+
+    token_ids: list[int] | None  # the teacher's generated ids; None when the backend gave strings only
+    tokens: list[str]
+    top_ids: Any
+    top_logprobs: Any
+
+
+@dataclass
+class SoftTable:
+    """Every record's soft labels by record id, and what reading them found."""
+
+    rows: dict[str, SoftRow] = field(default_factory=dict)
+    tokenizers: set[str | None] = field(default_factory=set)
+    records: int = 0
+    unmapped: int = 0  # candidate strings no single student token decodes to
+
+
+def token_pieces(tokenizer) -> list[str]:
+    """The text each token id decodes to on its own (what backends report as a token string)."""
+    return tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+
+
+def read_soft_labels(path: Path, tokenizer, max_positions: int) -> SoftTable:
+    """Soft labels of every SFT record at `path`, mapped to the student's ids, at most `max_positions` per record."""
+    import numpy as np
+
+    from synth.io import load_records
+
+    table = SoftTable()
+    reverse: dict[str, int] | None = None
+    vocab = len(tokenizer)
+    for record in load_records(path):
+        table.records += 1
+        soft = getattr(record, "soft_labels", None)
+        if soft is None or (soft.top_ids is None and soft.top_tokens is None):
+            continue
+        n = min(len(soft.tokens), max_positions)
+        if soft.top_ids is not None:
+            candidates = soft.top_ids[:n]
+        else:
+            if reverse is None:
+                reverse = _unique_pieces(token_pieces(tokenizer))
+            candidates = [[reverse.get(t, -1) for t in row] for row in soft.top_tokens[:n]]
+            table.unmapped += sum(i < 0 for row in candidates for i in row)
+        k = max((len(row) for row in candidates), default=0)
+        ids = np.full((n, max(k, 1)), -1, dtype=np.int32)
+        lps = np.zeros((n, max(k, 1)), dtype=np.float32)
+        for j, (row, values) in enumerate(zip(candidates, soft.top_logprobs[:n])):
+            seen: set[int] = set()
+            for c, (i, v) in enumerate(zip(row, values)):
+                if i >= vocab:
+                    raise InputError(f"{path}: record {record.id}: candidate id {i} is outside the student's vocabulary ({vocab} tokens)")
+                if i >= 0 and i not in seen:  # a repeated candidate would count its mass twice
+                    seen.add(i)
+                    ids[j, c], lps[j, c] = i, v
+        row = SoftRow(list(soft.token_ids[:n]) if soft.token_ids is not None else None, soft.tokens[:n], ids, lps)
+        old = table.rows.get(record.id)
+        if old is not None and not (np.array_equal(old.top_ids, ids) and np.array_equal(old.top_logprobs, lps)):
+            raise InputError(f"{path}: two records share the id {record.id} but not their soft labels; ids must be unique")
+        table.rows[record.id] = row
+        table.tokenizers.add(soft.tokenizer)
+    if not table.rows:
+        raise InputError(
+            f"{path}: no record has soft_labels (the teacher's top-k logprobs); generate with --logprobs K "
+            "from a teacher that returns them, or train on the text with `distill train sft`"
+        )
+    return table
+
+
+def _unique_pieces(pieces: list[str]) -> dict[str, int]:
+    """piece -> id for the pieces exactly one token decodes to."""
+    counts = Counter(pieces)
+    return {p: i for i, p in enumerate(pieces) if counts[p] == 1}
+
+
+def as_prompt_completion(dataset):
+    """`messages` rows as prompt (all turns but the last) and completion (the last, assistant, turn)."""
+    if dataset is None or "messages" not in dataset.column_names:
+        return dataset
+
+    def split_last(example):
+        messages = example["messages"]
+        if not messages or messages[-1]["role"] != "assistant":
+            raise InputError(f"record {example.get('id')}: KD needs the last message to be the assistant's answer")
+        return {"prompt": messages[:-1], "completion": messages[-1:]}
+
+    return dataset.map(split_last, remove_columns=["messages"], desc="Splitting messages into prompt/completion")
+
+
+def attach_soft_labels(dataset, table: SoftTable, tokenizer, name: str = "train"):
+    """The tokenized dataset with each row's soft labels in KD_COLUMNS, rows that cannot align dropped; and the counts."""
+    from datasets import List, Value
+
+    if "kd_ids" in dataset.column_names:  # prepared already (evaluate() prepares again)
+        return dataset, Counter()
+    state: dict[str, Any] = {}
+
+    def piece(i: int) -> str:
+        if "pieces" not in state:
+            state["pieces"] = token_pieces(tokenizer)
+        return state["pieces"][i]
+
+    features = dataset.features.copy()
+    features.update(
+        kd_start=Value("int32"), kd_ids=List(List(Value("int32"))), kd_logprobs=List(List(Value("float32"))), kd_status=Value("string")
+    )
+    # An explicit fingerprint: hashing the table to make one would cost more than the map.
+    ds = dataset.map(
+        lambda ex: align_row(ex, table.rows.get(ex["id"]), piece), features=features, new_fingerprint=uuid.uuid4().hex,
+        desc=f"Attaching soft labels to {name} dataset",
+    )  # fmt: skip
+    statuses = ds["kd_status"]
+    counts = Counter(s.split(":")[0] for s in statuses)
+    kept = ds.filter(lambda s: s == "ok", input_columns="kd_status", new_fingerprint=uuid.uuid4().hex).remove_columns("kd_status")
+    if len(kept) == 0:
+        first = next(s for s in statuses if s != "ok")
+        raise InputError(
+            f"no {name} row can use its soft labels ({dict(counts)}); first: {first}. Is the student's tokenizer the teacher's?"
+        )
+    return kept, counts
+
+
+def align_row(example: dict, soft: SoftRow | None, piece: Callable[[int], str]) -> dict:
+    """This row's soft labels placed at its completion tokens, or an empty entry and the reason in kd_status."""
+    skip = {"kd_start": 0, "kd_ids": [], "kd_logprobs": []}
+    if soft is None:
+        return {**skip, "kd_status": "no soft labels"}
+    labels, input_ids = example["labels"], example["input_ids"]
+    start = next((i for i, x in enumerate(labels) if x != -100), len(labels))
+    student = input_ids[start : start + len(soft.tokens)]
+    m = len(student)
+    if m == 0:
+        return {**skip, "kd_status": "completion truncated away"}
+    if soft.token_ids is not None:
+        bad = next((j for j in range(m) if student[j] != soft.token_ids[j]), None)
+        teacher = soft.token_ids
+    else:
+        bad = next((j for j in range(m) if piece(student[j]) != soft.tokens[j]), None)
+        teacher = soft.tokens
+    if bad is not None:
+        return {**skip, "kd_status": f"tokens differ: record {example.get('id')} at completion token {bad}: "
+                f"teacher {teacher[bad]!r} ({soft.tokens[bad]!r}), student {student[bad]} ({piece(student[bad])!r})"}  # fmt: skip
+    return {"kd_start": start, "kd_ids": soft.top_ids[:m].tolist(), "kd_logprobs": soft.top_logprobs[:m].tolist(), "kd_status": "ok"}
+
+
+@dataclass
+class KDCollator:
+    """TRL's collator, plus (batch, length, k) `kd_ids` / `kd_logprobs` at the positions of the tokens they describe."""
+
+    base: Callable
+
+    def __call__(self, examples: list[dict]) -> dict:
+        """Pad the row-aligned soft labels to the batch's length (-1: no candidate)."""
+        import torch
+
+        batch = self.base(examples)
+        if "attention_mask" not in batch:
+            raise ConfigError("KD needs padded batches: padding-free and packed batches are not supported")
+        rows, length = batch["input_ids"].shape
+        k = max((len(e["kd_ids"][0]) for e in examples if e["kd_ids"]), default=1)
+        ids = torch.full((rows, length, k), -1, dtype=torch.long)
+        lps = torch.zeros((rows, length, k), dtype=torch.float32)
+        for b, example in enumerate(examples):
+            start, top = example["kd_start"], example["kd_ids"]
+            m = min(len(top), length - start)
+            if m <= 0:
+                continue
+            width = len(top[0])
+            ids[b, start : start + m, :width] = torch.tensor(top[:m], dtype=torch.long)
+            lps[b, start : start + m, :width] = torch.tensor(example["kd_logprobs"][:m], dtype=torch.float32)
+        batch["kd_ids"], batch["kd_logprobs"] = ids, lps
+        return batch
+
+
+def completion_ids(tokenizer, prompt, completion) -> list[int]:
+    """The completion's token ids as a teacher with this tokenizer would have generated them (up to the end token).
+
+    Tokenized as TRL's SFTTrainer does (chat template for message lists), so records built
+    from these ids align with the student. For tests, benchmarks and white-box teachers.
+    """
+    if isinstance(prompt, list):
+        def encode(messages, **kw):
+            return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)["input_ids"])
+
+        head = encode(prompt, add_generation_prompt=True)
+        full = encode(prompt + completion)
+    else:
+        head = tokenizer(text=prompt)["input_ids"]
+        full = tokenizer(text=prompt + completion)["input_ids"]
+    tail = full[len(head):]
+    end = next((j for j, t in enumerate(tail) if t == tokenizer.eos_token_id), len(tail))
+    return tail[:end]
