@@ -1,0 +1,1 @@
+"""Filters over generated text: exact and near-duplicate removal, and the like."""
