@@ -224,12 +224,17 @@ def _content_hash(path: Path) -> str:
     return h.hexdigest()
 
 
+_COMMAND_MODULES = {"self": "self_knowledge"}
+
+
 def _code_files(command: list[str]) -> list[Path]:
     """The command's module and the method modules it runs (trainers/<method>.py, synth/generators/<name>*.py)."""
-    files = [_ROOT / "distill" / "commands" / f"{command[0].replace('-', '_')}.py"]
+    # `distill self` lives in self_knowledge.py (`self` is a poor module name).
+    module = _COMMAND_MODULES.get(command[0], command[0].replace("-", "_"))
+    files = [_ROOT / "distill" / "commands" / f"{module}.py"]
     if command[0] == "train" and len(command) > 1:
         files += sorted((_ROOT / "trainers").glob(f"{command[1]}*.py"))
-    files += sorted((_ROOT / "synth" / "generators").glob(f"{command[0]}*.py"))
+    files += sorted((_ROOT / "synth" / "generators").glob(f"{module}*.py"))
     return [f for f in files if f.is_file()]
 
 
@@ -252,7 +257,8 @@ def clear_outputs(stage: Stage) -> None:
         return
     out = stage.output
     stem = out.name[: -len(".jsonl")] if out.name.endswith(".jsonl") else out.name
-    for p in (out, out.with_name(out.name + ".partial"), out.with_name(stem + ".rejects.jsonl"), out.with_name(stem + ".work")):
+    siblings = [".rejects.jsonl", ".work", ".sft.jsonl", ".pairs.jsonl", ".coverage.json", ".coverage.md"]
+    for p in (out, out.with_name(out.name + ".partial"), *(out.with_name(stem + s) for s in siblings)):
         if p.is_dir():
             shutil.rmtree(p)
         elif p.exists():

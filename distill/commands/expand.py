@@ -1,0 +1,96 @@
+"""`distill expand self-instruct | evol`: from a few demonstrations to many new instruction/answer pairs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from distill.commands.common import (
+    add_cache_flags,
+    add_teacher_flags,
+    run_settings,
+    teacher_config,
+)
+from distill.config_flags import add_config_flags, load_config
+from synth.generators.expand import ExpandResult
+from synth.generators.expand_evol_run import EvolConfig, run_evol
+from synth.generators.expand_selfinstruct import SelfInstructConfig, run_self_instruct
+
+
+def register(sub) -> None:
+    """Add the `expand` command and its two methods."""
+    p = sub.add_parser(
+        "expand",
+        help="grow new instructions from seed tasks (self-instruct) or by evolving them (evol), and answer them",
+        description="Two ways from a few demonstrations to many new pairs. Both filter near-duplicates (MinHash LSH "
+        "on word shingles, plus exact matches after normalisation) against everything accepted so far, answer what "
+        "is kept, and write TRL prompt/completion SFT examples with one rejects file beside them (every reject with "
+        "its reason). Every response is cached: a rerun sends nothing and writes the same output. Dedup settings "
+        "(threshold, shingle size, num_perm) go in the --config YAML under `dedup:`.",
+    )
+    methods = p.add_subparsers(dest="method", required=True, metavar="METHOD")
+    si = methods.add_parser(
+        "self-instruct",
+        help="Self-Instruct: sample demonstrations from a seed pool, ask for new instructions, filter, repeat, answer",
+        description="Each round sends --requests-per-round requests, each showing --demos tasks sampled from the pool "
+        "(seeded per round), and asks for --per-request new ones as JSON. New instructions that pass the filters "
+        "(length, leading punctuation, non-text tasks such as images or drawing) and the near-duplicate filter join "
+        "the pool, until --target are collected or --max-rounds pass; then each is answered. The new instructions "
+        "are also written to OUT.work/instructions.jsonl.",
+    )
+    _common(si, SelfInstructConfig)
+    si.set_defaults(func=run_si)
+    ev = methods.add_parser(
+        "evol",
+        help="Evol-Instruct: evolve instructions in depth and breadth, eliminate failures, answer survivors",
+        description="Each round evolves every instruction with one seeded-random operation (constraints, deepen, "
+        "concretize, reasoning, complicate_input: in depth; breadth: a new, rarer task). Evolutions are eliminated "
+        "when they copy the rewriting prompt's wording, bring no information gain (a word-level heuristic, or "
+        "--info-gain teacher to ask the teacher), near-duplicate an accepted instruction, or get a refusal or a "
+        "too-short answer. Survivors are kept and evolve further in the next round.",
+    )
+    _common(ev, EvolConfig)
+    ev.set_defaults(func=run_ev)
+
+
+def _common(p: argparse.ArgumentParser, model) -> None:
+    p.add_argument("--output", required=True, type=Path, help="JSON Lines of SFT examples; OUT.rejects.jsonl and the OUT.work/ stages go beside it")
+    add_config_flags(p, model)
+    add_teacher_flags(p)
+    add_cache_flags(p)
+
+
+def run_si(args: argparse.Namespace) -> int:
+    """Run `expand self-instruct`."""
+    result = run_self_instruct(load_config(args, SelfInstructConfig), args.output, teacher_config(args), run_settings(args))
+    print(f"new instructions: {result.instructions} in {result.rounds} rounds")
+    print_result(result)
+    return 0
+
+
+def run_ev(args: argparse.Namespace) -> int:
+    """Run `expand evol`."""
+    result = run_evol(load_config(args, EvolConfig), args.output, teacher_config(args), run_settings(args))
+    print(f"evolved instructions kept: {result.instructions} over {result.rounds} rounds")
+    print_result(result)
+    return 0
+
+
+def print_result(r: ExpandResult) -> None:
+    """Counts kept and rejected by reason, the dedup stats, and what the teacher was asked."""
+    print(f"wrote {r.records} records to {r.output}")
+    print(f"rejects: {r.rejected} in {r.rejects}")
+    for reason, count in sorted(r.reasons.items(), key=lambda kv: (-kv[1], kv[0])):
+        print(f"  {count:6d}  {reason}")
+    print(r.dedup.line())
+    stages = r.stages.values()
+    tokens_in = sum(s.prompt_tokens for s in stages)
+    tokens_out = sum(s.completion_tokens for s in stages)
+    seconds = sum(s.seconds for s in stages)
+    print(
+        f"teacher: {r.requests_sent} requests sent, {r.cache_hits} samples from cache, {tokens_in:,} prompt + "
+        f"{tokens_out:,} completion tokens in {seconds:.1f} s over {len(r.stages)} stages"
+    )
+    errors = sum(s.teacher_errors for s in stages)
+    if errors:
+        print(f"warning: {errors} requests failed at the teacher (see the rejects); rerun the same command to retry them")
