@@ -9,7 +9,15 @@ directive in the last user message: `!fault=NAME` or `!fault=NAME*K` (the first 
 requests carrying that exact message get the fault, later ones succeed). Names:
 `429` (with Retry-After: `retry_after`), `500`, `503`, `400`, `stall` (no answer
 for `stall_s`), `drop` (close the socket without a response), `badjson` (200 with
-a broken JSON body), `empty` (200 with no choices), `ok`.
+a broken JSON body), `truncated` (200 whose body stops mid-JSON, short of its
+Content-Length, then the socket closes), `empty` (200 with no choices), `ok`.
+With `fault_rate` > 0, requests that neither the script nor a directive decide get
+a fault drawn at random from `fault_kinds` (seeded by `fault_seed`) that often.
+
+Counters: requests received and good answers sent, in all and per distinct sample
+(the messages plus the seed tag of each choice), so a test can tell whether any
+sample was answered twice (paid twice), and how often each logical request
+(messages, seed, n) was tried (its retries).
 
 A good answer echoes deterministically: `echo: <last user message> #<seed + i>`
 for choice i (`#c<i>` without a seed), with word-count usage, `n` honoured unless
@@ -20,14 +28,18 @@ that response format with a 500 (as llama.cpp does), `json_object=False` with a 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import random
 import re
 import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-FAULTS = {"429", "500", "503", "400", "stall", "drop", "badjson", "empty", "ok"}
+FAULTS = {"429", "500", "503", "400", "stall", "drop", "badjson", "truncated", "empty", "ok"}
+#: Faults a real teacher shows now and then, all worth retrying: what `fault_rate` draws from.
+TRANSIENT_FAULTS = ("429", "500", "503", "stall", "drop", "badjson", "truncated", "empty")
 _DIRECTIVE = re.compile(r"!fault=(\w+)(?:\*(\d+))?")
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
 
@@ -44,6 +56,9 @@ class FaultServer:
         stall_s: float = 30.0,
         json_schema: bool = True,
         json_object: bool = True,
+        fault_rate: float = 0.0,
+        fault_kinds: tuple[str, ...] = TRANSIENT_FAULTS,
+        fault_seed: int = 0,
     ):
         self.latency = latency
         self.honor_n = honor_n
@@ -52,6 +67,9 @@ class FaultServer:
         self.json_schema = json_schema
         self.json_object = json_object
         self.script: list[str] = []
+        self.fault_rate = fault_rate
+        self.fault_kinds = tuple(fault_kinds)
+        self._rng = random.Random(fault_seed)
         self.port = 0
         self._lock = threading.Lock()
         self._received = 0
@@ -63,6 +81,9 @@ class FaultServer:
         self._seen: dict[str, int] = {}
         self._bodies: list[dict[str, Any]] = []
         self._times: list[float] = []
+        self._answered: dict[str, int] = {}
+        self._answer_text: dict[str, str] = {}
+        self._tries: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -85,6 +106,26 @@ class FaultServer:
         with self._lock:
             return dict(self._faults)
 
+    def answered(self) -> dict[str, int]:
+        """Good answers sent per distinct sample (messages + seed tag): a count above 1 was paid twice."""
+        with self._lock:
+            return dict(self._answered)
+
+    def answer_texts(self) -> dict[str, str]:
+        """The text of each distinct sample answered, by the same key as `answered()`."""
+        with self._lock:
+            return dict(self._answer_text)
+
+    def repaid(self) -> int:
+        """Good answers sent again for a sample already answered once."""
+        with self._lock:
+            return sum(c - 1 for c in self._answered.values())
+
+    def tries(self) -> dict[str, int]:
+        """Requests received per logical request (messages, seed, n, response format): 1 + its retries."""
+        with self._lock:
+            return dict(self._tries)
+
     @property
     def bodies(self) -> list[dict[str, Any]]:
         """The JSON bodies received, in arrival order."""
@@ -105,6 +146,9 @@ class FaultServer:
             self._seen.clear()
             self._bodies.clear()
             self._times.clear()
+            self._answered.clear()
+            self._answer_text.clear()
+            self._tries.clear()
             self.script = []
 
     @property
@@ -218,6 +262,14 @@ class FaultServer:
             await self._send(writer, int(fault), _error(f"injected {fault}", "server_error"))
         elif fault == "400":
             await self._send(writer, 400, _error("injected bad request: temperature is invalid", "invalid_request_error"))
+        elif fault == "truncated":
+            # A proxy or server dying mid-body: the head promises more than ever arrives.
+            body = json.dumps(self._answer(req, None)).encode()
+            head = f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+            writer.write(head.encode("latin-1") + body[: len(body) // 2])
+            await writer.drain()
+            writer.transport.abort()
+            return False
         elif fault == "badjson":
             await self._send(writer, 200, b'{"id": "x", "choices": [{"index": 0, "mess')
         elif fault == "empty":
@@ -231,9 +283,15 @@ class FaultServer:
             if rf == "json_object" and not self.json_object:
                 await self._send(writer, 400, _error("response_format json_object is not supported", "invalid_request_error"))
                 return True
-            await self._send(writer, 200, json.dumps(self._answer(req, rf)).encode())
+            answer = self._answer(req, rf)
+            await self._send(writer, 200, json.dumps(answer).encode())
             with self._lock:
                 self._completed += 1
+                # Counted once the bytes are handed to the socket: from here on the sample is paid for.
+                for i, choice in enumerate(answer["choices"]):
+                    key = _sample_key(req, _tag(req, i))
+                    self._answered[key] = self._answered.get(key, 0) + 1
+                    self._answer_text[key] = choice["message"]["content"]
         return True
 
     def _record(self, req: dict[str, Any]) -> str:
@@ -244,16 +302,19 @@ class FaultServer:
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
             self._bodies.append(req)
             self._times.append(time.monotonic())
+            attempt = _request_key(req)
+            self._tries[attempt] = self._tries.get(attempt, 0) + 1
             fault = "ok"
+            m = None if self.script else _DIRECTIVE.search(last)
             if self.script:
                 fault = self.script.pop(0)
-            else:
-                m = _DIRECTIVE.search(last)
-                if m:
-                    seen = self._seen.get(last, 0)
-                    self._seen[last] = seen + 1
-                    if m.group(2) is None or seen < int(m.group(2)):
-                        fault = m.group(1)
+            elif m:
+                seen = self._seen.get(last, 0)
+                self._seen[last] = seen + 1
+                if m.group(2) is None or seen < int(m.group(2)):
+                    fault = m.group(1)
+            elif self.fault_rate and self._rng.random() < self.fault_rate:
+                fault = self._rng.choice(self.fault_kinds)
             if fault not in FAULTS:
                 raise ValueError(f"unknown fault {fault!r}")
             if fault != "ok":
@@ -263,13 +324,12 @@ class FaultServer:
     def _answer(self, req: dict[str, Any], rf: str | None) -> dict[str, Any]:
         last = _last_user(req)
         n = int(req.get("n") or 1) if self.honor_n else 1
-        seed = req.get("seed")
         max_tokens = int(req.get("max_tokens") or 1 << 30)
         k = req.get("top_logprobs") if req.get("logprobs") else None
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in req.get("messages", []))
         choices, total = [], 0
         for i in range(n):
-            tag = f"{seed + i}" if isinstance(seed, int) else f"c{i}"
+            tag = _tag(req, i)
             text = f"echo: {last} #{tag}"
             if rf in ("json_object", "json_schema"):
                 text = json.dumps({"echo": last, "tag": tag})
@@ -291,6 +351,26 @@ class FaultServer:
             "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": total, "total_tokens": prompt_tokens + total},
         }
+
+
+def _tag(req: dict[str, Any], i: int) -> str:
+    """What tells choice `i` apart: its seed (`seed + i`), or `c<i>` without one."""
+    seed = req.get("seed")
+    return f"{seed + i}" if isinstance(seed, int) else f"c{i}"
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _sample_key(req: dict[str, Any], tag: str) -> str:
+    """One sample: the conversation, the response format and the choice's seed tag."""
+    return f"{_digest([req.get('messages'), req.get('response_format')])}#{tag}"
+
+
+def _request_key(req: dict[str, Any]) -> str:
+    """One logical request, whatever its attempt: everything in the body that decides the answer."""
+    return _digest([req.get("messages"), req.get("response_format"), req.get("seed"), req.get("n")])
 
 
 def _last_user(req: dict[str, Any]) -> str:
