@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
@@ -57,6 +61,32 @@ def stage_output(output: str | Path, stage: str) -> Path:
 def open_cache(cache_dir: str | Path | None, mode: CacheMode) -> ResponseCache:
     """The response cache for a mode: use (read+write), refresh (write only) or off."""
     return ResponseCache(cache_dir, read=mode == "use", write=mode != "off")
+
+
+@contextmanager
+def _stop_on_signals(runner: Runner) -> Iterator[None]:
+    """First Ctrl-C or SIGTERM: stop starting requests and wait for those in flight, so none
+    that the teacher answers (and bills) is lost; a second one aborts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    loop, main = asyncio.get_running_loop(), asyncio.current_task()
+
+    def handle() -> None:
+        if runner.stopping:
+            main.cancel()
+            return
+        runner.stop()
+        print("stopping: waiting for the requests in flight (already paid for); interrupt again to abort", file=sys.stderr, flush=True)
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, handle)
+    try:
+        yield
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
 
 
 @dataclass
@@ -118,18 +148,25 @@ def run_job(
     counts = JobCounts(total=total)
     started = time.monotonic()
     journal.open()
+    runner = Runner(cached, journal, counts)
     try:
 
         async def main() -> None:
             try:
-                async with ProgressLine(label, cached, counts, enabled=settings.progress, prices=prices):
-                    tasks = (generator.make_task(item, where) for where, item in items())
-                    await Runner(cached, journal, counts).run(tasks, generator.parse)
+                with _stop_on_signals(runner):
+                    async with ProgressLine(label, cached, counts, enabled=settings.progress, prices=prices):
+                        tasks = (generator.make_task(item, where) for where, item in items())
+                        await runner.run(tasks, generator.parse)
             finally:
                 if owned:
                     await cached.aclose()
 
-        asyncio.run(main())
+        try:
+            asyncio.run(main())
+        except asyncio.CancelledError:
+            raise KeyboardInterrupt from None  # interrupted twice: aborted
+        if runner.stopping:
+            raise KeyboardInterrupt  # the journal holds every finished task; the CLI says how to resume
         if counts.failed and counts.failed == counts.done and not counts.skipped:
             raise TeacherUnavailable(
                 f"every request to {teacher.spec} failed ({counts.first_error}); nothing was written, rerun to retry"

@@ -23,6 +23,20 @@ class Runner:
         self.journal = journal
         self.counts = counts
         self.max_resamples = max_resamples
+        self.stopping = False
+        self._queue: asyncio.Queue | None = None
+        self._workers = 0
+
+    def stop(self) -> None:
+        """Start nothing new, but let the requests in flight arrive and be journaled: they are paid for."""
+        self.stopping = True
+        if self._queue is not None:
+            # Unstarted tasks are dropped (the next run does them); this also unblocks the producer.
+            while not self._queue.empty():
+                self._queue.get_nowait()
+            # The producer may have queued its end marks already, and they just went: one per worker again.
+            for _ in range(self._workers):
+                self._queue.put_nowait(None)
 
     async def run(self, tasks: Iterable[Task], parse: ParseFn) -> None:
         """Process every task not already in the journal; returns when all are written."""
@@ -30,14 +44,18 @@ class Runner:
         workers = max(1, self.teacher.concurrency)
         # A bounded window keeps memory flat however many tasks there are.
         queue: asyncio.Queue = asyncio.Queue(maxsize=workers * self.teacher.batch_size * 2)
+        self._queue, self._workers = queue, workers
 
         async def produce() -> None:
             for task in tasks:
+                if self.stopping:
+                    break
                 if task.id in done:
                     self.counts.skipped += 1
                     continue
                 done.add(task.id)  # the same input twice is the same work: do it once
                 await queue.put(task)
+            # After stop() these may wait for a worker to take an end mark, never for long.
             for _ in range(workers):
                 await queue.put(None)
 
@@ -45,7 +63,7 @@ class Runner:
             finished = False
             while not finished:
                 first = await queue.get()
-                if first is None:
+                if first is None or self.stopping:
                     return
                 batch = [first]
                 while len(batch) < self.teacher.batch_size:

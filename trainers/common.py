@@ -122,10 +122,27 @@ def split(dataset, config: TrainConfig):
 
 
 def last_checkpoint(output_dir: Path) -> str | None:
-    """The newest checkpoint-N directory in output_dir, if any."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete checkpoint-N directory in output_dir, if any.
 
-    return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    A process killed while saving leaves a checkpoint without its trainer_state.json
+    (written last) or with it cut short; resuming from that would fail, so it is skipped.
+    """
+    if not output_dir.is_dir():
+        return None
+    found = []
+    for d in output_dir.glob("checkpoint-*"):
+        step = d.name.removeprefix("checkpoint-")
+        if step.isdigit() and d.is_dir() and _complete(d):
+            found.append((int(step), d))
+    return str(max(found)[1]) if found else None
+
+
+def _complete(checkpoint: Path) -> bool:
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def train_and_save(trainer, config: TrainConfig, tokenizer, extra_metrics: dict[str, float] | None = None) -> TrainResult:
