@@ -10,7 +10,9 @@ a rerun skips stages whose fingerprint is unchanged and resumes an interrupted o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -76,12 +78,12 @@ def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: recipe not found")
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    raw = _yaml(path.read_text(encoding="utf-8"), path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe is a mapping with a 'stages' list")
     variables = {k: str(v) for k, v in (raw.get("vars") or {}).items()}
     variables = {k: expand_vars(v, {}, path) for k, v in variables.items()}
-    data = yaml.safe_load(expand_vars(path.read_text(encoding="utf-8"), variables, path)) or {}
+    data = _yaml(expand_vars(path.read_text(encoding="utf-8"), variables, path), path) or {}
     unknown = set(data) - TOP_LEVEL
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key '{sorted(unknown)[0]}' (known: {', '.join(sorted(TOP_LEVEL))})")
@@ -115,14 +117,28 @@ def load_recipe(path: str | Path) -> Recipe:
             if key not in flags:
                 raise ConfigError(f"{path}: stage '{stage_name}' ({' '.join(command)}): unknown key '{key}'")
             argv += _to_argv(flags[key], value)
+        err = io.StringIO()
         try:
-            sub.parse_args(argv[len(command):])
+            with contextlib.redirect_stderr(err):  # argparse's usage text would bury the one line that matters
+                sub.parse_args(argv[len(command):])
         except SystemExit:
-            raise ConfigError(f"{path}: stage '{stage_name}': its settings do not parse as `distill {' '.join(argv)}`") from None
+            why = (err.getvalue().strip().splitlines() or [""])[-1].split(": error: ")[-1]
+            why = re.sub(r"argument --([\w-]+)(/-\w+)?", lambda m: f"key '{m.group(1).replace('-', '_')}'", why)
+            raise ConfigError(f"{path}: stage '{stage_name}': {why} (as `distill {' '.join(argv)}`)") from None
         output = next((Path(str(settings[k])) for k in OUTPUT_KEYS if k in settings), None)
         outputs[stage_name] = output
         stages.append(Stage(stage_name, command, settings, argv, output, depends))
     return Recipe(path=path, name=name, work_dir=work_dir, stages=stages)
+
+
+def _yaml(text: str, path: Path) -> Any:
+    """Parse YAML; a syntax error names file:line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
 
 
 def _teacher_arg(block: Any, work_dir: Path, path: Path) -> str | None:

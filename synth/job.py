@@ -147,7 +147,7 @@ def run_job(
     journal = TaskJournal(output)
     counts = JobCounts(total=total)
     started = time.monotonic()
-    journal.open()
+    recovered = journal.open()
     runner = Runner(cached, journal, counts)
     try:
 
@@ -168,6 +168,10 @@ def run_job(
         if runner.stopping:
             raise KeyboardInterrupt  # the journal holds every finished task; the CLI says how to resume
         if counts.failed and counts.failed == counts.done and not counts.skipped:
+            if not recovered:
+                # The journal holds failures only (a rerun retries them anyway): leave no partial file behind.
+                journal.close()
+                journal.path.unlink(missing_ok=True)
             raise TeacherUnavailable(
                 f"every request to {teacher.spec} failed ({counts.first_error}); nothing was written, rerun to retry"
             )

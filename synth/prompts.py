@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 
 from synth.errors import ConfigError, InputError
@@ -36,6 +37,9 @@ class PromptTemplate:
         except UndefinedError as exc:
             prefix = f"{where}: " if where else ""
             raise InputError(f"{prefix}template {self.name}: {exc.message}") from None
+        except SecurityError as exc:
+            # The sandbox refused something (a dunder, a Python call): the template's fault, said in one line.
+            raise ConfigError(f"template {self.name}: refused by the sandbox: {exc}") from None
 
 
 def load_template(name: str, lang: str = "en") -> PromptTemplate:
