@@ -25,8 +25,8 @@ from synth.filters.verify import (
     reference_answer,
     register_checker,
 )
-from synth.generators.label import LabelConfig, LabelGenerator, LabelInput, decide
-from synth.records import SFTExample
+from synth.generators.label import LabelConfig, LabelGenerator, LabelInput, LabelSample, decide, trim_after_answer
+from synth.records import Provenance, SFTExample, SoftLabels
 from synth.teachers.base import ChatResponse, Completion
 from tests.fault_server import fault_server
 
@@ -113,6 +113,27 @@ def test_verified_keeps_matching_samples_and_rejects_the_rest_with_reasons():
     assert first.provenance.method == "label" and first.provenance.sample == 0
     again = label(LabelConfig(n=5), "How many clips?", texts, lengths={4})
     assert [r.id for r in again.records] == [r.id for r in out.records], "ids are stable"
+
+
+def test_a_cut_sample_that_already_answered_is_kept_up_to_its_answer_line_with_its_soft_labels():
+    rambling = "48 / 2 = 24, 48 + 24 = 72.\nAnswer: 72\n\nJustification: the steps above show that"
+    out = label(LabelConfig(n=2, keep="all"), "How many clips?", [rambling, REPLIES[-1][0]], lengths={0, 1})
+    assert [r.completion[0].content for r in out.records] == ["48 / 2 = 24, 48 + 24 = 72.\nAnswer: 72"]
+    assert out.records[0].meta["finish_reason"] == "answer" and out.records[0].meta["answer"] == "72"
+    assert [r.reason for r in out.rejects] == ["sample 1 of openai:recorded: truncated"], "no answer line: still truncated"
+    off = label(LabelConfig(n=2, keep="all", trim_truncated=False), "How many clips?", [rambling, REPLIES[-1][0]], lengths={0, 1})
+    assert not off.records and len(off.rejects) == 2
+
+    pieces = ["48", " + 24 = 72.", "\n", "Answer", ":", " 7", "2", "\n\n", "Just", "ification"]
+    soft = SoftLabels(tokenizer="t", tokens=pieces, token_ids=list(range(10)), top_ids=[[i] for i in range(10)],
+                      top_logprobs=[[-0.1]] * 10)  # fmt: skip
+    sample = LabelSample(id="s", task="t", teacher="x", sample=0, prompt=[], text="".join(pieces), finish_reason="length",
+                         soft_labels=soft, provenance=Provenance(method="label", teacher="x", task="t"))  # fmt: skip
+    cut = trim_after_answer(sample)
+    assert cut.text == "48 + 24 = 72.\nAnswer: 72" and cut.soft_labels.tokens == pieces[:7]
+    assert cut.soft_labels.token_ids == list(range(7)) and len(cut.soft_labels.top_logprobs) == 7
+    split = sample.model_copy(update={"soft_labels": soft.model_copy(update={"tokens": ["4", *pieces[1:]]})})
+    assert trim_after_answer(split) is None, "token pieces that do not spell the text: not trimmed"
 
 
 def test_majority_vote_keeps_the_majority_reasoning_and_breaks_ties_by_first_seen():

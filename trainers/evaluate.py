@@ -41,6 +41,7 @@ class EvalConfig(BaseModel):
     judge_max_tokens: int = Field(16, ge=1, description="Longest judge reply.")
     template: str | None = Field("label/cot", description="Template that turns a {question} into the prompt, as labeling does ('none': the question as is).")
     lang: Literal["en", "zh"] = Field("en", description="Template language.")
+    demonstrations: Path | None = Field(None, description="Worked examples shown in the prompt (JSONL of {question, answer}), as labeling was given them.")
     checker: str = Field("numeric", description="How answers are compared: numeric, exact, or module:function.")
     batch_size: int = Field(8, ge=1, description="Prompts per batch for student generation and NLL.")
     output_dir: Path = Field(Path("out/eval"), description="Where eval.json, report.md and the plots go.")
@@ -74,7 +75,13 @@ def load_items(config: EvalConfig) -> list[Item]:
     from synth.io import read_jsonl
     from synth.prompts import load_template
 
+    from synth.generators.label import load_demonstrations
+
     template = load_template(config.template, config.lang) if config.template else None
+    # The same prompt the student was trained on: demonstrations included.
+    demos = [d.model_dump() for d in load_demonstrations(config.demonstrations, config.lang)]
+    if demos and template is not None and "demonstrations" not in template.source:
+        raise ConfigError(f"template {config.template!r} does not show demonstrations; use label/cot")
     stop = None if config.limit is None else config.skip + config.limit
     items = []
     for lineno, row in islice(read_jsonl(config.prompts), config.skip, stop):
@@ -84,7 +91,7 @@ def load_items(config: EvalConfig) -> list[Item]:
         ref = row.get("answer", row.get("reference"))
         if isinstance(row.get("question"), str) and row["question"].strip():
             question = row["question"]
-            content = template.render(where, question=question) if template else question
+            content = template.render(where, question=question, demonstrations=demos) if template else question
             messages = [{"role": "user", "content": content}]
         elif isinstance(row.get("prompt"), str) and row["prompt"].strip():
             question = row["prompt"]

@@ -41,6 +41,14 @@ _PLACEHOLDER = re.compile(r"^<[^<>]*>$")
 _FRAC = re.compile(r"\\[dt]?frac\s*\{\s*([-+]?\d+)\s*\}\s*\{\s*(\d+)\s*\}")
 
 
+def end_of_first_answer_line(text: str) -> int | None:
+    """Where the first "Answer: X" line ends (its newline excluded), or None when there is none."""
+    m = _ANSWER_LINE.search(text)
+    if not m or not m.group(1).strip():
+        return None
+    return m.end(1)
+
+
 def boxed_contents(text: str) -> str | None:
     """The contents of the last `\\boxed{...}` in `text` (braces balanced), or None."""
     found = None

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from synth.errors import ConfigError, InputError
 from synth.filters.verify import (
     Checker,
+    end_of_first_answer_line,
     extract_answer,
     get_checker,
     group_answers,
@@ -60,7 +61,12 @@ class LabelConfig(BaseModel):
     n: int = Field(4, ge=1, description="Samples per input and teacher.")
     temperature: float = Field(0.7, ge=0.0, description="Sampling temperature; 0 is greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling.")
-    max_tokens: int = Field(512, ge=1, description="Longest answer; a sample cut at this length is rejected as truncated.")
+    max_tokens: int = Field(512, ge=1, description="Longest answer; a sample cut at this length is rejected as truncated (see trim_truncated).")
+    trim_truncated: bool = Field(
+        True,
+        description="A sample cut at max_tokens that had already written its 'Answer: X' line is kept, ending at that line "
+        "(small teachers often ramble on after answering); off: every cut sample is rejected.",
+    )
     seed: int | None = Field(0, description="Base seed; sample i uses seed+i, so more samples later reuse the first ones.")
     question_field: str = Field("question", description="Input field holding the question.")
     reference_field: str | None = Field("answer", description="Input field holding the reference answer, when an input has one (GSM8K '#### 72' works).")
@@ -234,6 +240,8 @@ def decide(samples: list[LabelSample], config: LabelConfig, checker: Checker) ->
     out = Decision()
     answered: list[LabelSample] = []
     for s in samples:
+        if s.finish_reason == "length" and config.trim_truncated:
+            s = trim_after_answer(s) or s
         if s.finish_reason == "length":
             out.rejects.append(_reject(s, "truncated"))
         elif s.answer is None:
@@ -290,6 +298,33 @@ def decide(samples: list[LabelSample], config: LabelConfig, checker: Checker) ->
             )
         )
     return out
+
+
+def trim_after_answer(s: LabelSample) -> LabelSample | None:
+    """The sample cut just after its first "Answer: X" line (finish_reason 'answer'), or None if it has none.
+
+    Soft labels are cut at the same token, so KD still sees exactly the teacher's tokens; when the
+    token pieces do not spell the text (a byte-level split), the sample is not trimmed.
+    """
+    end = end_of_first_answer_line(s.text)
+    if end is None:
+        return None
+    soft, text = s.soft_labels, s.text[:end]
+    if soft is not None:
+        spelled, keep = "", 0
+        while keep < len(soft.tokens) and len(spelled) < end:
+            spelled += soft.tokens[keep]
+            keep += 1
+        if not s.text.startswith(spelled) or len(spelled) < end:
+            return None
+        text = spelled
+        soft = soft.model_copy(update={
+            name: getattr(soft, name)[:keep]
+            for name in ("tokens", "token_ids", "top_tokens", "top_ids", "top_logprobs") if getattr(soft, name) is not None
+        })  # fmt: skip
+    # The kept text ends with an answer line, so the bare-number fallback is never needed.
+    answer = extract_answer(text, number_fallback=False)
+    return s.model_copy(update={"text": text, "soft_labels": soft, "finish_reason": "answer", "answer": answer})
 
 
 def _reject(s: LabelSample, why: str) -> Reject:
