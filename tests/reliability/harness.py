@@ -139,7 +139,7 @@ def _wait_and_kill(proc: subprocess.Popen, journal: Path, sig: int, rng: random.
     if sig == signal.SIGKILL and rng.random() < 0.25:
         # Sometimes during start-up, validation or cache opening, not only mid-job (Ctrl-C and
         # SIGTERM are aimed mid-job, where waiting for the requests in flight matters).
-        deadline, target = time.monotonic() + rng.uniform(0.05, 1.2), None
+        deadline, target = time.monotonic() + rng.uniform(0.05, 0.6), None
     else:
         done = journal.stat().st_size if journal.exists() else 0
         remaining = max(expected_bytes - done, 1)
