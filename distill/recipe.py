@@ -29,6 +29,8 @@ from synth.errors import ConfigError
 OUTPUT_KEYS = ("output", "output_dir", "out")
 TOP_LEVEL = {"name", "description", "teacher", "vars", "work_dir", "stages"}
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# `@name`, or `hf:@name` where a flag takes a teacher spec (a stage's model served as a teacher).
+_REF = re.compile(r"^(hf:)?@(.+)$")
 _ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -110,7 +112,7 @@ def load_recipe(path: str | Path) -> Recipe:
         flags = _flags_of(sub)
         if "teacher" in flags and "teacher" not in settings and teacher_arg is not None:
             settings["teacher"] = teacher_arg
-        depends = sorted({r[1:] for v in settings.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str) and r.startswith("@")})
+        depends = sorted({m.group(2) for v in settings.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str) and (m := _REF.match(r))})
         settings = {k: _resolve_refs(v, outputs, stage_name, path) for k, v in settings.items()}
         argv = list(command)
         for key, value in settings.items():
@@ -189,13 +191,14 @@ def _flags_of(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 def _resolve_refs(value: Any, outputs: dict[str, Path | None], stage: str, path: Path) -> Any:
     if isinstance(value, list):
         return [_resolve_refs(v, outputs, stage, path) for v in value]
-    if isinstance(value, str) and value.startswith("@"):
-        ref = value[1:]
+    match = _REF.match(value) if isinstance(value, str) else None
+    if match:
+        prefix, ref = match.groups()
         if ref not in outputs:
             raise ConfigError(f"{path}: stage '{stage}': '@{ref}' names no earlier stage")
         if outputs[ref] is None:
             raise ConfigError(f"{path}: stage '{stage}': stage '{ref}' has no output to use")
-        return str(outputs[ref])
+        return (prefix or "") + str(outputs[ref])
     return value
 
 
@@ -218,7 +221,7 @@ def fingerprint(stage: Stage) -> str:
         if key in OUTPUT_KEYS:
             continue
         for item in value if isinstance(value, list) else [value]:
-            p = Path(str(item))
+            p = Path(str(item).removeprefix("hf:"))  # a model served as a teacher counts by its files
             if isinstance(item, str) and p.exists():
                 h.update(key.encode() + _content_hash(p).encode())
     for source in _code_files(stage.command):

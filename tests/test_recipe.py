@@ -95,3 +95,30 @@ def test_typos_and_unknown_refs_fail_before_any_work(tmp_path, tiny):
     result = distill("run", str(bad_key), cache=tmp_path / "cache")
     assert result.returncode == 1 and "unknown key 'lerning_rate'" in result.stderr
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").glob("*.jsonl"))
+
+
+def test_a_stage_model_served_as_a_teacher_is_a_dependency_and_fingerprinted(tmp_path):
+    from distill.recipe import fingerprint
+
+    student = tmp_path / "student"
+    recipe = tmp_path / "pref.yaml"
+    recipe.write_text(f"""
+stages:
+  - name: student
+    command: student derive
+    keep: 0.5
+    out: {student}
+  - name: feedback
+    command: feedback
+    input: {tmp_path}/prompts.jsonl
+    output: {tmp_path}/pairs.jsonl
+    student: "hf:@student"
+""")
+    stage = load_recipe(recipe).stages[1]
+    assert stage.depends == ["student"]
+    assert stage.argv[stage.argv.index("--student") + 1] == f"hf:{student}"
+    student.mkdir()
+    (student / "config.json").write_text("{}")
+    before = fingerprint(stage)
+    (student / "model.safetensors").write_text("new weights")
+    assert fingerprint(stage) != before, "a re-derived student makes its candidates stale"
