@@ -447,3 +447,54 @@ def test_panel_through_the_llama_cpp_server(llama_server, tmp_path):
     assert sorted(v["item"]["order"] for v in verdicts) == ["ab", "ba"], "both orders judged, as valid JSON"
     rejects = check_rejects(tmp_path / "pw.rejects.jsonl", {"inconsistent verdicts", "tie"})
     assert len(rows(out)) + len(rejects) == 1
+
+
+def test_prompt_field_reads_seed_sets_that_name_their_prompts_otherwise(tmp_path):
+    from distill.commands.feedback import read_inputs
+    from synth.errors import InputError
+
+    seeds = Path(__file__).resolve().parents[1] / "data/self_instruct/seed_tasks.jsonl"
+    items = read_inputs(seeds, 3, "instruction")
+    assert len(items) == 3 and items[0][1].prompt.startswith("Is there anything I can eat for a breakfast")
+    assert items[0][0] == f"{seeds}:1"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"instruction": "Say hi."}) + "\n" + json.dumps({"question": "no instruction"}) + "\n")
+    with pytest.raises(InputError, match=r"bad.jsonl:2: field 'instruction': expected a string"):
+        read_inputs(bad, None, "instruction")
+
+
+def lp(token: str, logprob: float, top: dict[str, float]):
+    from synth.teachers.base import TokenLogprob, TopLogprob
+
+    return TokenLogprob(token=token, logprob=logprob, top=[TopLogprob(token=t, logprob=v) for t, v in top.items()])
+
+
+def test_winner_probability_reads_the_winner_token_after_a_prefill_or_in_the_reply():
+    import math
+
+    from synth.generators.feedback_pairwise import winner_probability
+
+    a, b = math.log(0.6), math.log(0.2)
+    # The local backend wrote '{"winner": "' itself: the first token is the winner.
+    prefilled = Completion(text='{"winner": "A", "reason": "x"}', finish_reason="stop",
+                           logprobs=[lp("A", a, {"A": a, "B": b, "tie": math.log(0.1)}), lp('", "reason": "x"}', -0.1, {})])
+    assert winner_probability(prefilled) == pytest.approx(0.75)
+    # An API writes the whole reply: the winner is the token after '"winner": "'.
+    tokens = [lp('{"', -0.1, {}), lp('winner', -0.1, {}), lp('": "', -0.1, {}), lp("B", b, {" B": b, "A": a}), lp('"}', -0.1, {})]
+    api = Completion(text="".join(t.token for t in tokens), finish_reason="stop", logprobs=tokens)
+    assert winner_probability(api) == pytest.approx(0.75)
+    assert winner_probability(Completion(text='{"winner": "A"}', finish_reason="stop")) is None, "no logprobs, no P(A)"
+
+
+def test_swap_shift_cancels_a_position_bias():
+    from synth.generators.feedback_pairwise import resolve_shift
+
+    assert resolve_shift(0.95, 0.80, 0.05) == "i", "P(A) falls when j is shown as A: i is preferred"
+    assert resolve_shift(0.80, 0.95, 0.05) == "j"
+    assert resolve_shift(0.93, 0.92, 0.05) == "tie"
+    p = prompted(["r0", "r1"])
+    biased = {(0, 1): {"J1": {"ab": {"winner": "A", "p_a": 0.97, "id": "x"}, "ba": {"winner": "A", "p_a": 0.85, "id": "y"}}}}
+    pairs, rejects = pairwise_pairs(p, biased, ["J1"], PROV, min_shift=0.05)
+    assert [(q.chosen, q.rejected) for q in pairs] == [("r0", "r1")] and not rejects
+    plain, rejects = pairwise_pairs(p, biased, ["J1"], PROV)
+    assert not plain and rejects[0].reason.startswith("inconsistent verdicts"), "without min_shift the verdicts decide"

@@ -17,11 +17,11 @@ from itertools import islice
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from distill.commands.common import add_cache_flags, add_teacher_flags, run_settings
 from distill.config_flags import add_config_flags, load_config
-from synth.errors import ConfigError
+from synth.errors import ConfigError, InputError, describe_validation_error
 from synth.generators.feedback import (
     CandidateGenerator,
     FeedbackInput,
@@ -83,6 +83,13 @@ class FeedbackConfig(BaseModel):
     min_margin: float = Field(1.0, ge=0, description="Rate mode: least overall-score gap between chosen and rejected.")
     seed: int = Field(0, description="Base seed of candidate and judge samples.")
     lang: Literal["en", "zh"] = Field("en", description="Template language.")
+    verdict_logprobs: int | None = Field(
+        None, ge=2, le=20,
+        description="Pairwise: ask judges for this many top logprobs and decide each pair by how much P(A) moves when the order is swapped, "
+        "which cancels a position bias (small judges answer 'A' in both orders); a judge's reply without logprobs falls back to its verdicts.",
+    )
+    min_shift: float = Field(0.05, ge=0, lt=1, description="With verdict_logprobs: the least change of P(A) between the two orders that decides a pair (less is a tie).")
+    prompt_field: str = Field("prompt", min_length=1, description="Input field holding the prompt when it is not 'prompt' (question for GSM8K, instruction for the Self-Instruct seeds).")
 
 
 def register(sub) -> None:
@@ -175,9 +182,20 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def read_inputs(path: Path, limit: int | None) -> list[tuple[str, FeedbackInput]]:
-    """Every input line (validated before any work), up to `limit`."""
-    return [(f"{path}:{n}", item) for n, item in islice(read_jsonl(path, FeedbackInput), limit)]
+def read_inputs(path: Path, limit: int | None, prompt_field: str = "prompt") -> list[tuple[str, FeedbackInput]]:
+    """Every input line (validated before any work), up to `limit`; `prompt_field` names the prompt's field."""
+    if prompt_field == "prompt":
+        return [(f"{path}:{n}", item) for n, item in islice(read_jsonl(path, FeedbackInput), limit)]
+    items = []
+    for n, obj in islice(read_jsonl(path), limit):
+        # Seed sets name their prompts otherwise (question, instruction): read them as they are, no copy to convert.
+        if not isinstance(obj, dict) or not isinstance(obj.get(prompt_field), str) or "prompt" in obj:
+            raise InputError(f"{path}:{n}: field '{prompt_field}': expected a string (and no 'prompt' field beside it)")
+        try:
+            items.append((f"{path}:{n}", FeedbackInput.model_validate({**obj, "prompt": obj[prompt_field]})))
+        except ValidationError as exc:
+            raise InputError(f"{path}:{n}: {describe_validation_error(exc)}") from None
+    return items
 
 
 def spec_config(spec: str, args: argparse.Namespace) -> TeacherConfig:
@@ -202,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the command."""
     config: FeedbackConfig = load_config(args, FeedbackConfig)
     teacher = spec_config(args.teacher, args)
-    inputs = read_inputs(args.input, args.limit)
+    inputs = read_inputs(args.input, args.limit, config.prompt_field)
     if args.output.resolve() == args.input.resolve():
         raise ConfigError(f"{args.output}: the output would overwrite the input")
     judges = [spec_config(s, args) for s in config.judge] or [teacher]
@@ -252,7 +270,8 @@ def feedback_sources(config: FeedbackConfig, teacher: TeacherConfig, args) -> li
 
 def judge_stage(stages: Stages, config: FeedbackConfig, template, judge: TeacherConfig, n: int, prompted: list[Prompted]) -> list[dict[str, Any]]:
     """One judge's job over every item of the mode; its Judgment rows."""
-    params = SamplingParams(temperature=config.judge_temperature, max_tokens=config.judge_max_tokens, seed=config.seed)
+    logprobs = config.verdict_logprobs if config.mode == "pairwise" else None
+    params = SamplingParams(temperature=config.judge_temperature, max_tokens=config.judge_max_tokens, seed=config.seed, logprobs=logprobs)
     name = f"{config.mode}-judge{n + 1}-{stable_id(judge.model_dump(mode='json'))[:8]}"
     if config.mode == "rate":
         return stages.run(name, lambda t: RateGenerator(params, t.spec, template, config.aspects), rate_items(prompted), judge)
@@ -267,7 +286,7 @@ def aggregate(mode: str, prompted: list[Prompted], rows: list[dict[str, Any]], j
     if mode == "rate":
         records, rejects = rate_records(prompted, rows, config.min_margin, provenance)
     elif mode == "pairwise":
-        records, rejects = pairwise_records(prompted, rows, judges, provenance)
+        records, rejects = pairwise_records(prompted, rows, judges, provenance, config.min_shift if config.verdict_logprobs else None)
     else:
         records, sft, pairs, rejects = all_critique_records(prompted, rows, judges, provenance)
     noun = "critiques" if mode == "critique" else "preference pairs"

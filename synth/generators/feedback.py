@@ -204,6 +204,10 @@ class JudgeGenerator(Generator):
         """What the judgment is about (indices), from the task input."""
         return {"index": task.input.index}
 
+    def annotate(self, completion: Completion) -> dict[str, Any]:
+        """Anything beyond the JSON a judgment keeps from the reply (the pairwise judge's P(A)); nothing by default."""
+        return {}
+
     def parse(self, task: Task, request: ChatRequest, response: ChatResponse, final: bool) -> Outcome:
         """Each valid reply becomes a Judgment; an invalid one is resampled, then rejected with its text."""
         out = Outcome()
@@ -224,7 +228,7 @@ class JudgeGenerator(Generator):
                     key=task.input.key,
                     item=self.item_of(task),
                     judge=self.teacher_name,
-                    value=value.model_dump(mode="json", by_alias=True),
+                    value={**value.model_dump(mode="json", by_alias=True), **self.annotate(c)},
                     finish_reason=c.finish_reason,
                     provenance=self.provenance(task, sample),
                 )

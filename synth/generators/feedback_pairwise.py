@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from collections import Counter
 from itertools import combinations
 from typing import Any, Literal
@@ -12,7 +14,7 @@ from synth.generators.base import Task
 from synth.generators.feedback import JudgeGenerator, Prompted, answer_value
 from synth.records import PreferencePair, Provenance, Reject, stable_id
 from synth.structured import parse_model
-from synth.teachers.base import Message
+from synth.teachers.base import Completion, Message
 
 _WINNERS = {"a": "A", "b": "B", "tie": "tie", "draw": "tie", "equal": "tie", "平局": "tie", "平手": "tie"}
 
@@ -73,6 +75,33 @@ class PairwiseGenerator(JudgeGenerator):
         """The pair and the order it was shown in."""
         return {"i": task.input.i, "j": task.input.j, "order": task.input.order}
 
+    def annotate(self, completion: Completion) -> dict[str, Any]:
+        """The judge's P(A) among A and B at the winner token, when the reply carries logprobs."""
+        p_a = winner_probability(completion)
+        return {} if p_a is None else {"p_a": round(p_a, 6)}
+
+
+_WINNER_OPEN = re.compile(r'"winner"\s*:\s*"$')
+
+
+def winner_probability(completion: Completion) -> float | None:
+    """P(A) / (P(A) + P(B)) at the token that writes the winner, from the reply's top logprobs; None without them."""
+    tokens = completion.logprobs or []
+    pieces = "".join(t.token for t in tokens)
+    # A backend may have written the reply's opening itself (a prefill): it is in the text, not in the tokens.
+    before = completion.text[: len(completion.text) - len(pieces)] if completion.text.endswith(pieces) else ""
+    for t in tokens:
+        if _WINNER_OPEN.search(before):
+            mass = {"A": 0.0, "B": 0.0}
+            for top in t.top or [t]:
+                letter = top.token.strip().strip('"')
+                if letter in mass:
+                    mass[letter] += math.exp(top.logprob)
+            total = mass["A"] + mass["B"]
+            return mass["A"] / total if total > 0 else None
+        before += t.token
+    return None
+
 
 def pair_items(prompted: list[Prompted]) -> list[tuple[str, PairItem]]:
     """Every pair (i < j) of every input's responses, in both orders."""
@@ -87,6 +116,16 @@ def pair_items(prompted: list[Prompted]) -> list[tuple[str, PairItem]]:
 
 
 Outcome = Literal["i", "j", "tie", "inconsistent", "missing"]
+
+
+def resolve_shift(p_ab: float, p_ba: float, min_shift: float) -> Outcome:
+    """One judge's outcome from its P(A) with i shown as A (`p_ab`) and with j shown as A (`p_ba`).
+
+    A judge that favours a position raises P(A) in both orders alike; what moves when the order is
+    swapped is its view of the responses: i wins when P(A) drops by more than `min_shift` once j is A.
+    """
+    shift = p_ab - p_ba
+    return "i" if shift > min_shift else "j" if shift < -min_shift else "tie"
 
 
 def resolve_swap(ab: str | None, ba: str | None) -> Outcome:
@@ -122,11 +161,13 @@ def panel_decision(outcomes: list[Outcome]) -> tuple[Literal["i", "j"] | None, s
 
 
 def pairwise_pairs(
-    p: Prompted, verdicts: dict[tuple[int, int], dict[str, dict[str, Any]]], judges: list[str], provenance: Provenance
+    p: Prompted, verdicts: dict[tuple[int, int], dict[str, dict[str, Any]]], judges: list[str], provenance: Provenance,
+    min_shift: float | None = None,
 ) -> tuple[list[PreferencePair], list[Reject]]:
     """One input's preference pairs from the panel's verdicts.
 
-    `verdicts[(i, j)][judge]` holds that judge's `ab` and `ba` verdicts ({winner, reason, id}) when it gave them.
+    `verdicts[(i, j)][judge]` holds that judge's `ab` and `ba` verdicts ({winner, reason, id, p_a?}) when it gave them.
+    With `min_shift`, a judge whose verdicts carry P(A) in both orders is resolved by `resolve_shift`.
     """
     records, rejects = [], []
     if len(p.responses) < 2:
@@ -137,7 +178,11 @@ def pairwise_pairs(
         outcomes = {}
         for judge in judges:
             v = by_judge.get(judge, {})
-            outcomes[judge] = resolve_swap(_winner(v.get("ab")), _winner(v.get("ba")))
+            p_ab, p_ba = (v.get(o, {}).get("p_a") for o in ("ab", "ba"))
+            if min_shift is not None and p_ab is not None and p_ba is not None:
+                outcomes[judge] = resolve_shift(p_ab, p_ba, min_shift)
+            else:
+                outcomes[judge] = resolve_swap(_winner(v.get("ab")), _winner(v.get("ba")))
         winner, why = panel_decision(list(outcomes.values()))
         detail = {judge: {**by_judge.get(judge, {}), "outcome": outcomes[judge]} for judge in judges}
         if winner is None:
@@ -165,8 +210,10 @@ def pairwise_pairs(
     return records, rejects
 
 
-def pairwise_records(prompted: list[Prompted], rows: list[dict[str, Any]], judges: list[str], provenance: Provenance) -> tuple[list[PreferencePair], list[Reject]]:
-    """Every input's pairs from the panel's verdict judgments (rows of every judge's stage)."""
+def pairwise_records(
+    prompted: list[Prompted], rows: list[dict[str, Any]], judges: list[str], provenance: Provenance, min_shift: float | None = None
+) -> tuple[list[PreferencePair], list[Reject]]:
+    """Every input's pairs from the panel's verdict judgments (rows of every judge's stage); `min_shift`: see pairwise_pairs."""
     grouped: dict[str, dict[tuple[int, int], dict[str, dict[str, Any]]]] = {}
     for row in rows:
         it = row["item"]
@@ -174,7 +221,7 @@ def pairwise_records(prompted: list[Prompted], rows: list[dict[str, Any]], judge
         pair.setdefault(row["judge"], {})[it["order"]] = {**row["value"], "id": row["id"]}
     records, rejects = [], []
     for p in prompted:
-        made, rej = pairwise_pairs(p, grouped.get(p.key, {}), judges, provenance.model_copy(update={"task": p.key}))
+        made, rej = pairwise_pairs(p, grouped.get(p.key, {}), judges, provenance.model_copy(update={"task": p.key}), min_shift)
         records += made
         rejects += rej
     return records, rejects
