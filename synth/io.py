@@ -162,27 +162,68 @@ class TaskJournal:
 def load_records(path: str | Path) -> Iterator[BaseModel]:
     """Read records written by a generator, each into its model by its `kind`."""
     for lineno, obj in read_jsonl(path):
-        kind = obj.get("kind", "sft") if isinstance(obj, dict) else None
-        model = RECORD_TYPES.get(kind)
-        if model is None:
-            raise InputError(f"{path}:{lineno}: field 'kind': unknown record kind {kind!r}")
-        try:
-            yield model.model_validate(obj)
-        except ValidationError as exc:
-            raise InputError(f"{path}:{lineno}: {describe_validation_error(exc)}") from None
+        yield _record_of(obj, path, lineno)
+
+
+def _record_of(obj: Any, path: str | Path, lineno: int) -> BaseModel:
+    kind = obj.get("kind", "sft") if isinstance(obj, dict) else None
+    model = RECORD_TYPES.get(kind)
+    if model is None:
+        raise InputError(f"{path}:{lineno}: field 'kind': unknown record kind {kind!r}")
+    try:
+        return model.model_validate(obj)
+    except ValidationError as exc:
+        raise InputError(f"{path}:{lineno}: {describe_validation_error(exc)}") from None
 
 
 def to_hf_dataset(path: str | Path):
-    """A `datasets.Dataset` in TRL's columns (`messages`; `prompt`/`completion`; `prompt`/`chosen`/`rejected`)."""
+    """A `datasets.Dataset` in TRL's columns (`messages`; `prompt`/`completion`; `prompt`/`chosen`/`rejected`).
+
+    Lines are our records, or plain TRL rows (no `kind`, no `provenance`: data made elsewhere).
+    """
     from datasets import Dataset
 
     rows = []
     shape = None
-    for record in load_records(path):
-        row = record.to_trl()
+    for lineno, obj in read_jsonl(path):
+        plain = plain_trl_row(obj, f"{path}:{lineno}")
+        if plain is not None:
+            row, rid = plain, str(obj.get("id", f"line-{lineno}"))
+        else:
+            record = _record_of(obj, path, lineno)
+            row, rid = record.to_trl(), record.id
         if shape is None:
-            shape = set(row)
+            shape, first = set(row), _forms(row)
         elif set(row) != shape:
-            raise InputError(f"{path}: mixes record formats {sorted(shape)} and {sorted(row)}; split them first")
-        rows.append({"id": record.id, **row})
+            raise InputError(f"{path}:{lineno}: mixes record formats {sorted(shape)} and {sorted(row)}; split them first")
+        elif _forms(row) != first:
+            raise InputError(f"{path}:{lineno}: mixes text and chat messages in one column ({_forms(row)}; earlier lines: {first})")
+        rows.append({"id": rid, **row})
     return Dataset.from_list(rows)
+
+
+def _forms(row: dict[str, Any]) -> str:
+    return ", ".join(f"{k}: {'text' if isinstance(v, str) else 'chat'}" for k, v in sorted(row.items()))
+
+
+# TRL's dataset shapes, most specific first.
+_TRL_SHAPES = (("prompt", "chosen", "rejected"), ("prompt", "completion"), ("messages",))
+
+
+def plain_trl_row(obj: Any, where: str) -> dict[str, Any] | None:
+    """The TRL columns of a plain row (text or chat messages), or None when the line is one of our records."""
+    if not isinstance(obj, dict) or "kind" in obj or "provenance" in obj:
+        return None
+    shape = next((s for s in _TRL_SHAPES if all(k in obj for k in s)), None)
+    if shape is None:
+        got = ", ".join(sorted(obj)) or "none"
+        raise InputError(f"{where}: neither a distill record (no 'kind'/'provenance') nor a TRL row: expected the fields "
+                         f"messages, prompt + completion, or prompt + chosen + rejected (got {got})")  # fmt: skip
+    for key in shape:
+        value = obj[key]
+        chat = isinstance(value, list) and value and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+        )
+        if not (isinstance(value, str) and value.strip()) and not chat:
+            raise InputError(f"{where}: field '{key}': expected text or a list of {{role, content}} messages")
+    return {k: obj[k] for k in shape}

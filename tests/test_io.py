@@ -110,6 +110,30 @@ def test_records_validate_and_export_in_trl_columns(tmp_path):
         list(load_records(bad))
 
 
+def test_plain_trl_rows_made_elsewhere_train_as_they_are(tmp_path):
+    chat = [{"role": "user", "content": "q"}]
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"prompt": chat, "chosen": "good", "rejected": "bad", "source": "hub"}) + "\n"
+                     + json.dumps({"id": "two", "prompt": "q2", "chosen": "g", "rejected": "b"}) + "\n")  # fmt: skip
+    with pytest.raises(InputError, match=r"plain\.jsonl:2: mixes text and chat messages in one column"):
+        to_hf_dataset(plain)
+    plain.write_text(plain.read_text().replace('"prompt": "q2"', '"prompt": [{"role": "user", "content": "q2"}]'))
+    ds = to_hf_dataset(plain)
+    assert ds.column_names == ["id", "prompt", "chosen", "rejected"] and ds["id"] == ["line-1", "two"]
+    assert ds[0]["prompt"] == chat and ds[1]["chosen"] == "g"
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text(json.dumps({"messages": chat + [{"role": "assistant", "content": "a"}]}) + "\n")
+    assert to_hf_dataset(sft).column_names == ["id", "messages"]
+    half = tmp_path / "half.jsonl"
+    half.write_text(json.dumps({"prompt": "q", "chosen": "good"}) + "\n")
+    with pytest.raises(InputError, match=r"half\.jsonl:1: neither a distill record .* \(got chosen, prompt\)"):
+        to_hf_dataset(half)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"prompt": "q", "completion": ""}) + "\n")
+    with pytest.raises(InputError, match=r"empty\.jsonl:1: field 'completion': expected text"):
+        to_hf_dataset(empty)
+
+
 def test_stable_ids_depend_on_every_part():
     assert stable_id({"a": 1}, "m") == stable_id({"a": 1}, "m")
     assert stable_id({"a": 1}, "m") != stable_id({"a": 2}, "m")
