@@ -498,3 +498,16 @@ def test_swap_shift_cancels_a_position_bias():
     assert [(q.chosen, q.rejected) for q in pairs] == [("r0", "r1")] and not rejects
     plain, rejects = pairwise_pairs(p, biased, ["J1"], PROV)
     assert not plain and rejects[0].reason.startswith("inconsistent verdicts"), "without min_shift the verdicts decide"
+
+
+def test_a_reply_broken_after_its_winner_counts_only_when_p_a_decides():
+    from synth.generators.feedback_pairwise import PairwiseGenerator
+
+    template = load_template("feedback/pairwise", "en")
+    cut = '{"winner": "B", "reason": "Response B answers the ques'
+    with_logprobs = PairwiseGenerator(SamplingParams(temperature=0.3, max_tokens=24, logprobs=5), "judge", template)
+    verdict, why = with_logprobs.read(cut)
+    assert why is None and verdict.winner == "B" and verdict.reason.startswith("(reply broken after the winner")
+    plain = PairwiseGenerator(SamplingParams(temperature=0.3, max_tokens=24), "judge", template)
+    assert plain.read(cut)[0] is None, "without logprobs a broken reply is still unparsable"
+    assert with_logprobs.read("I prefer the second one.")[0] is None

@@ -75,6 +75,14 @@ class PairwiseGenerator(JudgeGenerator):
         """The pair and the order it was shown in."""
         return {"i": task.input.i, "j": task.input.j, "order": task.input.order}
 
+    def read(self, text: str) -> tuple[BaseModel | None, str | None]:
+        """The verdict; when verdicts are decided by P(A) (logprobs asked for), also one whose JSON broke after the winner."""
+        verdict, why = super().read(text)
+        if verdict is None and self.params.logprobs and (found := _WINNER_FIELD.search(text)):
+            # The decision comes from P(A) at the winner token: a reason cut short or garbled loses nothing it needs.
+            return Verdict(winner=found.group(1), reason=f"(reply broken after the winner: {why})"), None
+        return verdict, why
+
     def annotate(self, completion: Completion) -> dict[str, Any]:
         """The judge's P(A) among A and B at the winner token, when the reply carries logprobs."""
         p_a = winner_probability(completion)
@@ -82,6 +90,7 @@ class PairwiseGenerator(JudgeGenerator):
 
 
 _WINNER_OPEN = re.compile(r'"winner"\s*:\s*"$')
+_WINNER_FIELD = re.compile(r'"winner"\s*:\s*"(A|B|tie)"')
 
 
 def winner_probability(completion: Completion) -> float | None:
