@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
-DEMO_OUT ?= out/demo
+DEMO_OUT ?= out/quickstart
 
 .PHONY: setup demo test clean
 
@@ -30,10 +30,9 @@ $(VENV)/.test-installed: $(VENV)/.installed
 	$(PIP) install --find-links $(WHEELS) -e '.[test]'
 	touch $@
 
+# The main job: recipes/quickstart.yaml (label -> derive a student -> SFT -> evaluate) on the embedded teacher.
 demo: setup
-	$(VENV)/bin/distill generate --teacher embedded --template label/cot \
-		--input data/gsm8k/train.jsonl --limit 8 --temperature 0 --max-tokens 256 \
-		--output $(DEMO_OUT)/gsm8k_cot.jsonl
+	$(VENV)/bin/distill run recipes/quickstart.yaml --var out=$(DEMO_OUT)
 
 test: $(VENV)/.test-installed
 	$(PY) -m pytest -q

@@ -61,6 +61,31 @@ class Recipe:
         return self.work_dir / ".recipe" / f"{stage.name}.json"
 
 
+def _apply_overrides(stages: list, overrides: dict[str, dict[str, Any]], path: Path) -> list:
+    """The stage list with `--set` values put in; naming a stage the recipe lacks is an error."""
+    names = [str(e.get("name")) for e in stages if isinstance(e, dict)]
+    for stage in overrides:
+        if stage not in names:
+            raise ConfigError(f"{path}: --set {stage}.…: no stage '{stage}' (stages: {', '.join(names)})")
+    return [{**e, **overrides.get(str(e.get("name")), {})} if isinstance(e, dict) else e for e in stages]
+
+
+def parse_assignments(items: list[str], flag: str, dotted: bool) -> dict:
+    """`NAME=VALUE` (or `STAGE.KEY=VALUE` when dotted) strings as a dict; values are read as YAML scalars."""
+    out: dict = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or (dotted and "." not in name):
+            shape = "STAGE.KEY=VALUE" if dotted else "NAME=VALUE"
+            raise ConfigError(f"{flag} {item!r}: expected {shape}")
+        if dotted:
+            stage, key = name.split(".", 1)
+            out.setdefault(stage, {})[key] = yaml.safe_load(value) if value else ""
+        else:
+            out[name] = value
+    return out
+
+
 def expand_vars(text: str, variables: dict[str, str], where: Path) -> str:
     """Replace ${VAR} from the recipe's vars, then the environment; an unknown one is an error."""
 
@@ -75,23 +100,28 @@ def expand_vars(text: str, variables: dict[str, str], where: Path) -> str:
     return _VAR.sub(sub, text)
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read, expand and validate a recipe: every key of every stage must be a flag of its command."""
+def load_recipe(path: str | Path, variables: dict[str, str] | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Recipe:
+    """Read, expand and validate a recipe: every key of every stage must be a flag of its command.
+
+    `variables` replace the recipe's vars (`--var NAME=VALUE`); `overrides` replace or add stage
+    keys (`--set STAGE.KEY=VALUE`), checked like the recipe's own keys.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: recipe not found")
     raw = _yaml(path.read_text(encoding="utf-8"), path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe is a mapping with a 'stages' list")
-    variables = {k: str(v) for k, v in (raw.get("vars") or {}).items()}
-    variables = {k: expand_vars(v, {}, path) for k, v in variables.items()}
-    data = _yaml(expand_vars(path.read_text(encoding="utf-8"), variables, path), path) or {}
+    given = {k: str(v) for k, v in (raw.get("vars") or {}).items()}
+    given = {k: expand_vars(v, {}, path) for k, v in given.items()}
+    data = _yaml(expand_vars(path.read_text(encoding="utf-8"), {**given, **(variables or {})}, path), path) or {}
     unknown = set(data) - TOP_LEVEL
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key '{sorted(unknown)[0]}' (known: {', '.join(sorted(TOP_LEVEL))})")
     stages_raw = data.get("stages")
     if not isinstance(stages_raw, list) or not stages_raw:
         raise ConfigError(f"{path}: 'stages' must be a non-empty list")
+    stages_raw = _apply_overrides(stages_raw, overrides or {}, path)
     name = str(data.get("name") or path.stem)
     work_dir = Path(data.get("work_dir") or f"out/{name}")
     teacher_arg = _teacher_arg(data.get("teacher"), work_dir, path)
@@ -222,7 +252,8 @@ def fingerprint(stage: Stage) -> str:
             continue
         for item in value if isinstance(value, list) else [value]:
             p = Path(str(item).removeprefix("hf:"))  # a model served as a teacher counts by its files
-            if isinstance(item, str) and p.exists():
+            # "" is Path("."): an empty setting (reference_field: "") must not hash the working directory.
+            if isinstance(item, str) and item.strip() not in ("", ".") and p.exists():
                 h.update(key.encode() + _content_hash(p).encode())
     for source in _code_files(stage.command):
         h.update(source.read_bytes())

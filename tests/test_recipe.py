@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.recipe import load_recipe
+from distill.recipe import load_recipe, parse_assignments
 from synth.errors import ConfigError
 from tests.tiny_models import make_tiny_llama
 
@@ -95,6 +95,23 @@ def test_typos_and_unknown_refs_fail_before_any_work(tmp_path, tiny):
     result = distill("run", str(bad_key), cache=tmp_path / "cache")
     assert result.returncode == 1 and "unknown key 'lerning_rate'" in result.stderr
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").glob("*.jsonl"))
+
+
+def test_var_and_set_override_the_recipe_and_are_checked_like_it(tmp_path, tiny):
+    os.environ["STEPS"] = "1"
+    recipe = write_recipe(tmp_path, "http://127.0.0.1:9/v1", tiny)
+    loaded = load_recipe(recipe, {"out": str(tmp_path / "elsewhere")}, parse_assignments(["sft.max_steps=7", "answers.quiet=false"], "--set", dotted=True))
+    sft = next(s for s in loaded.stages if s.name == "sft")
+    assert sft.argv[sft.argv.index("--max-steps") + 1] == "7" and str(tmp_path / "elsewhere" / "student") in sft.argv
+    assert "--quiet" not in next(s for s in loaded.stages if s.name == "answers").argv
+    with pytest.raises(ConfigError, match=r"--set lable\.…: no stage 'lable' \(stages: answers, sft\)"):
+        load_recipe(recipe, None, parse_assignments(["lable.limit=3"], "--set", dotted=True))
+    with pytest.raises(ConfigError, match=r"stage 'sft' \(train sft\): unknown key 'max_stpes'"):
+        load_recipe(recipe, None, parse_assignments(["sft.max_stpes=3"], "--set", dotted=True))
+    with pytest.raises(ConfigError, match=r"--set 'limit=3': expected STAGE.KEY=VALUE"):
+        parse_assignments(["limit=3"], "--set", dotted=True)
+    result = distill("run", str(recipe), "--dry-run", "--set", "sft.max_steps=lots", cache=tmp_path / "cache")
+    assert result.returncode == 1 and "key 'max_steps': invalid int value: 'lots'" in result.stderr, result.stderr
 
 
 def test_a_stage_model_served_as_a_teacher_is_a_dependency_and_fingerprinted(tmp_path):

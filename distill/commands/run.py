@@ -7,7 +7,7 @@ import gc
 import time
 from pathlib import Path
 
-from distill.recipe import clear_outputs, fingerprint, load_recipe, mark, status
+from distill.recipe import clear_outputs, fingerprint, load_recipe, mark, parse_assignments, status
 
 
 def register(sub) -> None:
@@ -22,6 +22,9 @@ def register(sub) -> None:
     p.add_argument("recipe", help="the recipe YAML file")
     p.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun this stage and every later one")
     p.add_argument("--dry-run", action="store_true", help="print the plan and what is already done; run nothing")
+    p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="set a recipe variable (over its vars: and the environment)")
+    p.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                   help="set one stage setting, e.g. --set label.limit=8 (repeatable; checked like the recipe's own keys)")
     p.set_defaults(func=run)
 
 
@@ -31,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     from synth.datacard import write_data_card
     from synth.errors import ConfigError
 
-    recipe = load_recipe(args.recipe)
+    variables = parse_assignments(args.var, "--var", dotted=False)
+    recipe = load_recipe(args.recipe, variables, parse_assignments(args.set, "--set", dotted=True))
     names = [s.name for s in recipe.stages]
     if args.from_stage is not None and args.from_stage not in names:
         raise ConfigError(f"--from {args.from_stage}: no such stage (stages: {', '.join(names)})")
@@ -77,5 +81,16 @@ def run(args: argparse.Namespace) -> int:
         outputs = [(s.name, s.output) for s in recipe.stages if s.output is not None]
         print("outputs:")
         for name, out in outputs:
-            print(f"  {name}: {out}")
+            print(f"  {name}: {out}{_what(out)}")
     return 0
+
+
+def _what(out: Path) -> str:
+    """What a stage's output is, for the closing summary."""
+    if out.suffix == ".jsonl":
+        return "  (dataset; card: README.md beside it)"
+    if (out / "report.md").is_file():
+        return f"  (report: {out / 'report.md'})"
+    if (out / "config.json").is_file():
+        return "  (model)"
+    return ""
