@@ -124,6 +124,11 @@ def test_a_cut_sample_that_already_answered_is_kept_up_to_its_answer_line_with_i
     off = label(LabelConfig(n=2, keep="all", trim_truncated=False), "How many clips?", [rambling, REPLIES[-1][0]], lengths={0, 1})
     assert not off.records and len(off.rejects) == 2
 
+    every = label(LabelConfig(n=3, keep="everything"), "How many clips?", [rambling, REPLIES[-1][0], "I cannot solve this."], lengths={0, 1})
+    assert not every.rejects and [r.meta["answer"] for r in every.records] == [None, None, "72"]
+    assert [r.meta["finish_reason"] for r in every.records] == ["length", "stop", "answer"], "cut and unanswered kept as written"
+    assert every.records[0].completion[0].content == REPLIES[-1][0]
+
     pieces = ["48", " + 24 = 72.", "\n", "Answer", ":", " 7", "2", "\n\n", "Just", "ification"]
     soft = SoftLabels(tokenizer="t", tokens=pieces, token_ids=list(range(10)), top_ids=[[i] for i in range(10)],
                       top_logprobs=[[-0.1]] * 10)  # fmt: skip

@@ -72,11 +72,12 @@ class LabelConfig(BaseModel):
     reference_field: str | None = Field("answer", description="Input field holding the reference answer, when an input has one (GSM8K '#### 72' works).")
     instruction: str | None = Field(None, description="Instruction put before the problem.")
     demonstrations: list[Demonstration] | Path | None = Field(None, description="Worked examples for the prompt: a list of {question, answer}, or a JSONL file of them.")
-    keep: Literal["verified", "majority", "all"] = Field(
+    keep: Literal["verified", "majority", "all", "everything"] = Field(
         "verified",
         description="verified: samples matching the reference (inputs without one are voted on); "
         "majority: the samples that reached the most common answer (and match the reference, if any); "
-        "all: every sample with an answer.",
+        "all: every sample with an answer; everything: every sample as the teacher wrote it, cut off or "
+        "unanswered too (distilling the teacher's outputs, e.g. for KD).",
     )
     self_consistency: bool = Field(True, description="With keep=verified, vote on inputs without a reference; off keeps all their answered samples.")
     min_agreement: float = Field(0.0, ge=0.0, le=1.0, description="When voting, the majority must hold at least this fraction of all samples.")
@@ -239,15 +240,21 @@ def decide(samples: list[LabelSample], config: LabelConfig, checker: Checker) ->
     """
     out = Decision()
     answered: list[LabelSample] = []
+    unanswered: list[LabelSample] = []  # kept as they are with keep=everything
     for s in samples:
         if s.finish_reason == "length" and config.trim_truncated:
             s = trim_after_answer(s) or s
-        if s.finish_reason == "length":
+        if config.keep == "everything" and (s.finish_reason == "length" or s.answer is None):
+            unanswered.append(s)
+        elif s.finish_reason == "length":
             out.rejects.append(_reject(s, "truncated"))
         elif s.answer is None:
             out.rejects.append(_reject(s, "no answer"))
         else:
             answered.append(s)
+    for s in unanswered:
+        meta = {"answer": None, "reference": s.reference, "verified": None, "samples": len(samples), "finish_reason": s.finish_reason}
+        out.records.append(_record(s, meta))
     if not answered:
         return out
     reference = answered[0].reference
@@ -267,7 +274,7 @@ def decide(samples: list[LabelSample], config: LabelConfig, checker: Checker) ->
     for i, s in enumerate(answered):
         verified = None if reference is None else bool(checker(s.answer, reference))
         why = None
-        if config.keep != "all":
+        if config.keep not in ("all", "everything"):
             if voting and group_of[i] is not top:
                 why = f"minority answer (got {s.answer}, majority {leader})"
             elif voting and len(top) < config.min_agreement * total:
@@ -287,17 +294,19 @@ def decide(samples: list[LabelSample], config: LabelConfig, checker: Checker) ->
             "samples": total,
             "finish_reason": s.finish_reason,
         }
-        out.records.append(
-            SFTExample(
-                id=s.id,
-                prompt=s.prompt,
-                completion=[Message(role="assistant", content=s.text)],
-                soft_labels=s.soft_labels,
-                meta=meta,
-                provenance=s.provenance,
-            )
-        )
+        out.records.append(_record(s, meta))
     return out
+
+
+def _record(s: LabelSample, meta: dict[str, Any]) -> SFTExample:
+    return SFTExample(
+        id=s.id,
+        prompt=s.prompt,
+        completion=[Message(role="assistant", content=s.text)],
+        soft_labels=s.soft_labels,
+        meta=meta,
+        provenance=s.provenance,
+    )
 
 
 def trim_after_answer(s: LabelSample) -> LabelSample | None:
