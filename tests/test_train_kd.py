@@ -338,3 +338,13 @@ def test_distill_train_gkd_on_policy_from_the_command_line(models, tmp_path):
     code = main(["train", "gkd", "--model", str(models["student"]), "--teacher-model", str(models["teacher"]), "--data", str(data),
                  "--output-dir", str(out), "--max-steps", "1", "--batch-size", "2", "--lmbda", "1", "--max-new-tokens", "4"])  # fmt: skip
     assert code == 0 and (out / "config.json").is_file()
+
+
+def test_an_epochs_short_last_batch_trains(models, tmp_path):
+    from trainers.kd import train
+
+    # 5 rows in batches of 4: the second step is the epoch's last, short batch (where statistics were once cut).
+    data = write_kd_records(tmp_path / "kd.jsonl", models["teacher"], 5)
+    result = train(kd_settings(models["student"], data, tmp_path / "short", max_steps=3, batch_size=4))
+    history = json.loads((result.output_dir / "metrics.json").read_text())["history"]
+    assert max(row.get("step", 0) for row in history) == 3 and all("kd_kl" in row for row in history if "loss" in row)

@@ -102,7 +102,9 @@ def kd_trainer_class():
             sums = model(**inputs, kd_ids=top_ids, kd_logprobs=top_logprobs)
             loss = self._combine(sums["ce_sum"], sums["d_sum"], self._denominator(inputs["labels"], num_items_in_batch))
             mode = "train" if self.model.training else "eval"
-            gathered = self.accelerator.gather_for_metrics(torch.stack([sums[k].detach() for k in SUMS]))
+            # gather, not gather_for_metrics: on an epoch's short last batch the latter cuts dim 0 to the rows
+            # left, and dim 0 here is the statistics, not the batch.
+            gathered = self.accelerator.gather(torch.stack([sums[k].detach() for k in SUMS]))
             stats = dict(zip(SUMS, gathered.reshape(-1, len(SUMS)).sum(0)))
             labelled, positions = stats["labelled"].clamp_min(1), stats["kd_positions"].clamp_min(1)
             self._metrics[mode]["entropy"].append((stats["entropy_sum"] / labelled).item())
