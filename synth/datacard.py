@@ -8,6 +8,7 @@ what was kept and rejected, by reason.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -23,6 +24,8 @@ _TASKS = {"sft": "text-generation", "preference": "text-generation", "critique":
 
 def _reason_kind(reason: str) -> str:
     """Group reasons like 'wrong answer (got 3, expected 4)' under 'wrong answer'."""
+    # Multi-stage jobs tag their reasons ('[round 2] sample 1: truncated: ...'): the kind comes after the tag.
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", reason)
     head = reason.split(":", 1)[1] if reason.startswith("sample ") and ":" in reason else reason
     head = head.strip()
     for sep in (" (", ": "):

@@ -28,3 +28,11 @@ def test_card_counts_reasons_and_loads_with_datasets(tmp_path):
 
     ds = load_dataset(str(folder), split="train")
     assert ds.num_rows == 3 and json.loads(json.dumps(ds[0]["provenance"]))["method"] == "label"
+
+
+def test_tagged_reasons_of_multi_stage_jobs_group_by_their_kind():
+    from synth.datacard import _reason_kind
+
+    assert _reason_kind("[round 1] sample 1: truncated: the reply hit max_tokens (no JSON found)") == "truncated"
+    assert _reason_kind("[round 3] filtered: too short (2 words)") == "filtered"
+    assert _reason_kind("sample 2: wrong answer (got 3, expected 4)") == "wrong answer"
