@@ -183,5 +183,8 @@ def test_json_replies_open_with_the_first_key_so_small_models_write_values():
     assert json_opening(None) == ""
     assert json_opening(Verdict.model_json_schema()) == '{"winner": "'
     assert json_opening({"type": "object", "properties": {"items": {"type": "array"}}, "required": ["items"]}) == '{"items": ['
-    assert json_opening({"type": "array", "items": {"type": "string"}}) == "["
+    assert json_opening({"type": "array", "items": {"type": "string"}}) == '["'
+    defs = {"$defs": {"Task": {"type": "object", "properties": {"instruction": {"type": "string"}}}}}
+    listed = {**defs, "type": "object", "properties": {"tasks": {"type": "array", "items": {"$ref": "#/$defs/Task"}}}}
+    assert json_opening(listed) == '{"tasks": [{"instruction": "', "a $ref is followed to the first value"
     assert json_opening({"type": "object"}) == "{"

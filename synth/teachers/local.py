@@ -41,22 +41,30 @@ from synth.teachers.embedded import (
 JSON_INSTRUCTION = "Reply with only a JSON value, no other text, that matches this JSON schema:\n{schema}"
 
 
-def json_opening(schema: dict[str, Any] | None) -> str:
-    """How a reply that follows `schema` starts: '[' for an array; for an object, its first key and what opens its value.
+def json_opening(schema: dict[str, Any] | None, root: dict[str, Any] | None = None, depth: int = 0) -> str:
+    """How a reply that follows `schema` starts, down to its first value: '{"winner": "', '{"questions": ["', '['.
 
-    E.g. '{"winner": "' for a verdict: a small model then has to write a value rather than copy a format line.
+    A small model then has to write a value rather than prose, a copied format line or the schema itself.
     """
-    if schema is None:
+    if not schema or depth > 4:  # 4: deeper than any reply we ask for; also stops a recursive $ref
         return ""
-    if schema.get("type") == "array":
-        return "["
+    root = schema if root is None else root
+    ref = schema.get("$ref", "")
+    if ref.startswith("#/"):
+        node = root
+        for part in ref[2:].split("/"):  # '#/$defs/NewInstruction'
+            node = node.get(part, {})
+        schema = node
+    kind = schema.get("type")
+    if kind == "array":
+        return "[" + json_opening(schema.get("items"), root, depth + 1)
     props = schema.get("properties") or {}
-    if not props:
-        return "{" if schema.get("type") == "object" else ""
-    key = (schema.get("required") or list(props))[0]
-    value = props.get(key, {})
-    opens = {"string": '"', "array": "[", "object": "{"}.get(value.get("type", ""), '"' if "enum" in value else "")
-    return "{" + json.dumps(key) + ": " + opens
+    if props:
+        key = (schema.get("required") or list(props))[0]
+        return "{" + json.dumps(key) + ": " + json_opening(props.get(key), root, depth + 1)
+    if kind == "object":
+        return "{"
+    return '"' if kind == "string" or "enum" in schema else ""
 
 
 class _Row(NamedTuple):
