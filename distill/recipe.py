@@ -255,7 +255,7 @@ def fingerprint(stage: Stage) -> str:
             # "" is Path("."): an empty setting (reference_field: "") must not hash the working directory.
             if isinstance(item, str) and item.strip() not in ("", ".") and p.exists():
                 h.update(key.encode() + _content_hash(p).encode())
-    for source in _code_files(stage.command):
+    for source in _code_files(stage.command, stage.settings):
         h.update(source.read_bytes())
     return h.hexdigest()[:24]
 
@@ -275,17 +275,35 @@ def _content_hash(path: Path) -> str:
 
 
 _COMMAND_MODULES = {"self": "self_knowledge"}
+# Code a command runs beyond its own module and generators (paths from the repository root).
+_SHARED_CODE = {
+    "generate": ["synth/generators/raw.py"],
+    "eval": ["trainers/evaluate.py", "trainers/eval_metrics.py", "trainers/report.py", "synth/filters/verify.py"],
+    "label": ["synth/filters/verify.py"],
+    "expand": ["synth/filters/dedup.py", "synth/filters/lsh.py", "synth/filters/shingles.py"],
+    "student": ["trainers/student.py"],
+    "train": ["trainers/common.py", "trainers/config.py"],
+}
+_TRAINER_CODE = {"ppo": ["rl_common"], "grpo": ["rl_common"], "rloo": ["rl_common", "grpo"], "kd": ["sft"], "gkd": ["sft"]}
+_PROMPT_DIRS = {"label": "label", "curate": "curate", "expand": "expand", "feedback": "feedback", "self": "self", "eval": "label"}
 
 
-def _code_files(command: list[str]) -> list[Path]:
-    """The command's module and the method modules it runs (trainers/<method>.py, synth/generators/<name>*.py)."""
+def _code_files(command: list[str], settings: dict[str, Any] | None = None) -> list[Path]:
+    """The code and templates a stage runs: its command module, method modules, shared helpers, prompt templates."""
     # `distill self` lives in self_knowledge.py (`self` is a poor module name).
     module = _COMMAND_MODULES.get(command[0], command[0].replace("-", "_"))
     files = [_ROOT / "distill" / "commands" / f"{module}.py"]
+    files += [_ROOT / f for f in _SHARED_CODE.get(command[0], [])]
     if command[0] == "train" and len(command) > 1:
         files += sorted((_ROOT / "trainers").glob(f"{command[1]}*.py"))
+        files += [_ROOT / "trainers" / f"{m}.py" for m in _TRAINER_CODE.get(command[1], [])]
     files += sorted((_ROOT / "synth" / "generators").glob(f"{module}*.py"))
-    return [f for f in files if f.is_file()]
+    if command[0] in _PROMPT_DIRS:
+        files += sorted((_ROOT / "prompts" / _PROMPT_DIRS[command[0]]).glob("*.jinja"))
+    template = (settings or {}).get("template")
+    if isinstance(template, str) and "/" in template and not template.endswith(".jinja"):
+        files += sorted((_ROOT / "prompts").glob(f"{template}.*.jinja"))  # a named template, e.g. label/cot
+    return list(dict.fromkeys(f for f in files if f.is_file()))
 
 
 def status(recipe: Recipe, stage: Stage) -> str:

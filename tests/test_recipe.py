@@ -139,3 +139,17 @@ stages:
     before = fingerprint(stage)
     (student / "model.safetensors").write_text("new weights")
     assert fingerprint(stage) != before, "a re-derived student makes its candidates stale"
+
+
+def test_a_stage_fingerprints_the_code_and_templates_it_runs():
+    from distill.recipe import _code_files
+
+    def names(command, settings=None):
+        return {f"{p.parent.name}/{p.name}" for p in _code_files(command, settings)}
+
+    assert {"trainers/rloo.py", "trainers/grpo.py", "trainers/rl_common.py", "trainers/common.py"} <= names(["train", "rloo"])
+    assert {"trainers/evaluate.py", "trainers/eval_metrics.py", "trainers/report.py", "label/cot.en.jinja"} <= names(["eval"])
+    assert {"trainers/student.py"} <= names(["student", "derive"])
+    assert {"generators/raw.py", "label/cot.en.jinja"} <= names(["generate"], {"template": "label/cot"})
+    assert {"generators/self_knowledge.py", "self/reward.en.jinja"} <= names(["self"])
+    assert "trainers/sft.py" not in names(["train", "dpo"]), "a method's fingerprint leaves other methods' code out"
