@@ -49,6 +49,7 @@ def test_shortened_quickstart_writes_every_artifact_and_a_rerun_does_nothing(tmp
     assert sft["nll"] < before["nll"], f"two SFT steps already lower the NLL of the teacher's answers: {by_name}"
     report = (out / "eval" / "report.md").read_text()
     assert "gap" in report.lower() and list((out / "eval").glob("*.png"))
+    assert "](../student-sft/training_curves.png)" in report, "the report shows the student's training loss"
     assert str(out / "eval") in first.stdout, "it ends by saying where things are"
 
     again = run(out, cache)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,10 @@ def write_report(result: dict[str, Any], out_dir: Path) -> Path:
         "",
     ]
     lines += [f"![{name}]({name})" for name in plots]
+    curves = [(m["name"], Path(m["path"]) / "training_curves.png") for m in models if m.get("path")]
+    curves = [(name, png) for name, png in curves if png.is_file()]
+    if curves:  # the students' training loss, where a trainer of ours wrote it
+        lines += ["", "## Training", ""] + [f"![{name}: training curves]({os.path.relpath(png, out_dir)})" for name, png in curves]
     if result.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
     lines += ["", "## Examples", ""] + examples(result, 3)
