@@ -68,7 +68,7 @@ class ResponseCache:
         self._db = sqlite3.connect(self.path, timeout=60, check_same_thread=False, isolation_level=None)
         # WAL lets readers and one writer work at once across processes; synchronous=NORMAL
         # still survives a killed process (only an OS crash can lose the last commits).
-        self._db.execute("PRAGMA journal_mode=WAL")
+        _switch_to_wal(self._db)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=60000")
         self._db.execute(SCHEMA)
@@ -121,3 +121,17 @@ class ResponseCache:
         """Close the database."""
         with self._lock:
             self._db.close()
+
+
+def _switch_to_wal(db: sqlite3.Connection, patience: float = 60.0) -> None:
+    """Turn on WAL, waiting while another process does the same: SQLite answers that switch
+    with "database is locked" at once, without calling the busy handler."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
