@@ -92,7 +92,9 @@ class Runner:
             if isinstance(result, TeacherError):
                 rejects.append(Reject(task=task.id, reason=result.reason, input=_dump(task.input), error=True))
                 break
-            outcome = parse(task, request, result, attempt == self.max_resamples)
+            # A greedy request would only get the same reply again: its first answer is final.
+            final = attempt == self.max_resamples or request.params.temperature == 0
+            outcome = parse(task, request, result, final)
             records.extend(outcome.records)
             rejects.extend(outcome.rejects)
             if not outcome.resample:

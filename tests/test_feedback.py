@@ -164,12 +164,6 @@ def test_judge_parse_resamples_once_then_rejects_with_raw_text():
     assert gen.parse(task, task.request, ChatResponse(completions=[Completion(text=GOOD_RATING)]), final=False).records[0].id == record.id
 
 
-def test_greedy_judge_rejects_at_once_since_a_resample_would_repeat_it():
-    gen, task = rate_task(temperature=0.0)
-    out = gen.parse(task, task.request, ChatResponse(completions=[Completion(text="nope", finish_reason="stop")]), final=False)
-    assert out.resample == 0 and len(out.rejects) == 1
-
-
 # -- swap consistency and the panel ----------------------------------------------------------------
 
 @pytest.mark.parametrize(

@@ -128,9 +128,16 @@ def test_json_schema_answers_are_validated_resampled_then_rejected(tmp_path):
         result = run_cli("generate", "--teacher", f"openai:echo@{server.base_url}", "--input", str(prompts), "--output", str(out), "--json-schema", str(schema), "--quiet", cache=tmp_path / "cache")
         assert result.returncode == 0, result.stderr
         assert server.completed == 2, "one invalid answer is resampled once"
+        greedy = tmp_path / "greedy.jsonl"
+        result = run_cli("generate", "--teacher", f"openai:echo@{server.base_url}", "--input", str(prompts), "--output", str(greedy),
+                         "--json-schema", str(schema), "--temperature", "0", "--quiet", cache=tmp_path / "cache")  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert server.completed == 3, "a greedy request is never resampled: it would get the same reply"
     (reject,) = [json.loads(x) for x in out.with_name("out.rejects.jsonl").read_text().splitlines()]
     assert "sample 1" in reject["reason"] and "does not match the schema" in reject["reason"] and reject["raw"]
     assert out.read_text() == ""
+    (greedy_reject,) = [json.loads(x) for x in greedy.with_name("greedy.rejects.jsonl").read_text().splitlines()]
+    assert "sample 0" in greedy_reject["reason"]
 
 
 @pytest.mark.parametrize(

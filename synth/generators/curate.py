@@ -127,8 +127,6 @@ class _JsonListGenerator(Generator):
     def parse(self, task: Task, request: ChatRequest, response: ChatResponse, final: bool) -> Outcome:
         """Unparsable samples are resampled once, then rejected with the raw text."""
         out = Outcome()
-        # Greedy decoding would only write the same reply again.
-        final = final or request.params.temperature == 0
         for i, completion in enumerate(response.completions):
             sample = request.sample_offset + i
             records, why = self.records_of(task, sample, completion.text, completion.finish_reason)
@@ -274,9 +272,8 @@ class AnswerGenerator(Generator):
         return [Message(role="user", content=self.template.render(where, question=item.question, instruction=self.instruction))]
 
     def parse(self, task: Task, request: ChatRequest, response: ChatResponse, final: bool) -> Outcome:
-        """Truncated answers are rejected; empty ones resampled once (unless greedy), then rejected."""
+        """Truncated answers are rejected; empty ones resampled once, then rejected."""
         out = Outcome()
-        final = final or request.params.temperature == 0
         item: QuestionInput = task.input
         prompt = [Message(role="user", content=item.question)] if self.prompt_form == "question" else list(request.messages)
         for i, completion in enumerate(response.completions):

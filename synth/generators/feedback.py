@@ -215,8 +215,7 @@ class JudgeGenerator(Generator):
             sample = request.sample_offset + i
             value, why = self.read(c.text)
             if value is None:
-                # A greedy judge would only repeat itself: resample when sampling can say something else.
-                if not final and request.params.temperature > 0:
+                if not final:
                     out.resample += 1
                 else:
                     reason = failure_reason(self.what, self.teacher_name, sample, c, why)
