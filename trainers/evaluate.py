@@ -79,9 +79,7 @@ def load_items(config: EvalConfig) -> list[Item]:
 
     template = load_template(config.template, config.lang) if config.template else None
     # The same prompt the student was trained on: demonstrations included.
-    demos = [d.model_dump() for d in load_demonstrations(config.demonstrations, config.lang)]
-    if demos and template is not None and "demonstrations" not in template.source:
-        raise ConfigError(f"template {config.template!r} does not show demonstrations; use label/cot")
+    demos = [d.model_dump() for d in load_demonstrations(config.demonstrations, config.lang, template)]
     stop = None if config.limit is None else config.skip + config.limit
     items = []
     for lineno, row in islice(read_jsonl(config.prompts), config.skip, stop):

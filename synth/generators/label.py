@@ -130,10 +130,15 @@ _GSM8K_CALC = re.compile(r"<<[^<>]*>>")
 _ANSWER_WORD = {"en": "Answer: ", "zh": "答案："}
 
 
-def load_demonstrations(value: list[Demonstration] | Path | None, lang: str) -> list[Demonstration]:
-    """The demonstrations as a list, GSM8K answers rewritten to the template's "Answer: X" last line."""
+def load_demonstrations(value: list[Demonstration] | Path | None, lang: str, template=None) -> list[Demonstration]:
+    """The demonstrations as a list, GSM8K answers rewritten to the template's "Answer: X" last line.
+
+    Given the template they go into, one that does not show demonstrations is an error.
+    """
     if value is None:
         return []
+    if template is not None and "demonstrations" not in template.source:
+        raise ConfigError(f"template {template.name!r} does not show demonstrations; use label/cot")
     demos = [d for _, d in read_jsonl(value, Demonstration)] if isinstance(value, Path) else list(value)
     out = []
     for d in demos:
@@ -160,9 +165,7 @@ class LabelGenerator(Generator):
         self.config = config
         self.tokenizer = tokenizer
         self.checker: Checker = get_checker(config.checker)
-        self.demonstrations = load_demonstrations(config.demonstrations, config.lang)
-        if self.demonstrations and "demonstrations" not in template.source:
-            raise ConfigError(f"template {config.template!r} does not show demonstrations; use label/cot")
+        self.demonstrations = load_demonstrations(config.demonstrations, config.lang, template)
         # What shapes the prompt besides the template goes into task ids too.
         self._prompt_key = [config.question_field, config.instruction, [d.model_dump() for d in self.demonstrations]]
 
