@@ -182,7 +182,7 @@ def variant(args) -> dict:
         sft_args = SFTConfig(output_dir=str(c["output_dir"]), max_steps=args.steps, learning_rate=1e-4, per_device_train_batch_size=args.batch,
                              max_length=args.max_length, save_strategy="no", report_to="none", bf16=bf16, use_cpu=args.device == "cpu",
                              seed=0, logging_steps=1, dataloader_num_workers=0,
-                             gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
+                             activation_checkpointing=args.gradient_checkpointing)  # fmt: skip
         trainer = SFTTrainer(model=model, args=sft_args, train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(c["model"]))
     elif args.variant == "sft":
         from trainers.sft import SFTSettings, build_trainer
