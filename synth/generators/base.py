@@ -20,6 +20,13 @@ class Outcome:
     rejects: list[Reject] = field(default_factory=list)
     resample: int = 0
 
+    def bad_sample(self, reject: Reject, retry: bool) -> None:
+        """A sample that made no record: ask for a fresh one in its place when `retry`, else keep the reject."""
+        if retry:
+            self.resample += 1
+        else:
+            self.rejects.append(reject)
+
 
 @dataclass
 class Task:

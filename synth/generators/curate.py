@@ -132,10 +132,8 @@ class _JsonListGenerator(Generator):
             records, why = self.records_of(task, sample, completion.text, completion.finish_reason)
             if why is None:
                 out.records.extend(records)
-            elif final:
-                out.rejects.append(_reject(task, why, sample, completion.text))
             else:
-                out.resample += 1
+                out.bad_sample(_reject(task, why, sample, completion.text), retry=not final)
         return out
 
 
@@ -281,10 +279,7 @@ class AnswerGenerator(Generator):
             if completion.finish_reason == "length":
                 out.rejects.append(_reject(task, "truncated answer: hit max_tokens", sample, completion.text))
             elif not completion.text.strip():
-                if final:
-                    out.rejects.append(_reject(task, "empty answer", sample, completion.text))
-                else:
-                    out.resample += 1
+                out.bad_sample(_reject(task, "empty answer", sample, completion.text), retry=not final)
             else:
                 out.records.append(
                     SFTExample(

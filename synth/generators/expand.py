@@ -175,10 +175,10 @@ class AnswerGenerator(Generator):
         for i, completion in enumerate(response.completions):
             sample = request.sample_offset + i
             problem = answer_problem(completion.text, completion.finish_reason, self.min_words, self.refusal_words)
-            if problem is not None and problem.startswith("empty") and not final:
-                out.resample += 1
-            elif problem is not None:
-                out.rejects.append(Reject(task=task.id, reason=self.reason_prefix + problem, input=item.model_dump(mode="json"), raw=[completion.text]))
+            if problem is not None:
+                # Only an empty answer is worth asking again; a refusal or a short one would likely repeat.
+                out.bad_sample(Reject(task=task.id, reason=self.reason_prefix + problem, input=item.model_dump(mode="json"), raw=[completion.text]),
+                               retry=not final and problem.startswith("empty"))  # fmt: skip
             else:
                 out.records.append(SFTExample(
                     id=stable_id(task.id, sample),

@@ -186,10 +186,8 @@ class EvolveGenerator(Generator):
         for i, completion in enumerate(response.completions):
             sample = request.sample_offset + i
             prompt, why = parse_evolved(completion.text, completion.finish_reason)
-            if prompt is None and not final:
-                out.resample += 1
-            elif prompt is None:
-                out.rejects.append(Reject(task=task.id, reason=f"sample {sample}: {why}", input=item.model_dump(mode="json"), raw=[completion.text]))
+            if prompt is None:
+                out.bad_sample(Reject(task=task.id, reason=f"sample {sample}: {why}", input=item.model_dump(mode="json"), raw=[completion.text]), retry=not final)
             else:
                 out.records.append(Evolved(id=stable_id(task.id, sample), parent=item.id, root=item.root, operation=item.operation,
                                            round=item.round, original=item.prompt, instruction=prompt, provenance=self.provenance(task, sample)))  # fmt: skip
@@ -234,11 +232,9 @@ class JudgeGenerator(Generator):
         for i, completion in enumerate(response.completions):
             sample = request.sample_offset + i
             verdict = parse_verdict(completion.text)
-            if verdict is None and not final:
-                out.resample += 1
-            elif verdict is None:
-                out.rejects.append(Reject(task=task.id, reason=f"sample {sample}: unparsable verdict: neither Equal nor Not Equal",
-                                          input=task.input.model_dump(mode="json"), raw=[completion.text]))  # fmt: skip
+            if verdict is None:
+                out.bad_sample(Reject(task=task.id, reason=f"sample {sample}: unparsable verdict: neither Equal nor Not Equal",
+                                      input=task.input.model_dump(mode="json"), raw=[completion.text]), retry=not final)  # fmt: skip
             else:
                 out.records.append(Verdict(id=task.input.id, equal=verdict, text=completion.text, provenance=self.provenance(task, sample)))
         return out

@@ -182,10 +182,8 @@ class ProposeGenerator(Generator):
             sample = request.sample_offset + i
             found, why = parse_instruction_list(completion.text, completion.finish_reason)
             if found is None:
-                if final:
-                    out.rejects.append(Reject(task=task.id, reason=f"sample {sample}: {why}", input={"round": item.round, "request": item.request}, raw=[completion.text]))
-                else:
-                    out.resample += 1
+                out.bad_sample(Reject(task=task.id, reason=f"sample {sample}: {why}", input={"round": item.round, "request": item.request}, raw=[completion.text]),
+                               retry=not final)  # fmt: skip
                 continue
             prov = self.provenance(task, sample)
             out.records.extend(

@@ -215,11 +215,8 @@ class JudgeGenerator(Generator):
             sample = request.sample_offset + i
             value, why = self.read(c.text)
             if value is None:
-                if not final:
-                    out.resample += 1
-                else:
-                    reason = failure_reason(self.what, self.teacher_name, sample, c, why)
-                    out.rejects.append(Reject(task=task.id, reason=reason, input=_dump(task.input), raw=[c.text]))
+                reason = failure_reason(self.what, self.teacher_name, sample, c, why)
+                out.bad_sample(Reject(task=task.id, reason=reason, input=_dump(task.input), raw=[c.text]), retry=not final)
                 continue
             out.records.append(
                 Judgment(

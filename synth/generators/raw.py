@@ -84,10 +84,7 @@ class RawGenerator(Generator):
             if schema is not None:
                 problem = _schema_problem(completion.text, schema)
                 if problem:
-                    if final:
-                        out.rejects.append(Reject(task=task.id, reason=f"sample {sample}: {problem}", input=_input_of(task), raw=[completion.text]))
-                    else:
-                        out.resample += 1
+                    out.bad_sample(Reject(task=task.id, reason=f"sample {sample}: {problem}", input=_input_of(task), raw=[completion.text]), retry=not final)
                     continue
             out.records.append(
                 SFTExample(
