@@ -48,3 +48,19 @@ def test_sft_refuses_preference_records(tiny, tmp_path):
     data = write_preference_records(tmp_path / "pairs.jsonl", 4)
     with pytest.raises(InputError, match="SFT needs 'messages' or 'prompt'/'completion' records"):
         train(SFTSettings(model=str(tiny), data=data, output_dir=tmp_path / "x"))
+
+
+def test_training_on_the_cpu_flushes_denormal_floats(tmp_path):
+    """Denormal gradients make x86 matrix kernels ~100x slower; a CPU run treats them as zero."""
+    import torch
+
+    from trainers.common import pick_device
+
+    torch.set_flush_denormal(False)
+    try:
+        assert (torch.tensor([1e-39]) * 1.0).item() != 0.0  # this machine keeps denormals by default
+        device, dtype, _ = pick_device(SFTSettings(model="m", data=tmp_path / "d.jsonl", device="cpu"))
+        assert (device, dtype) == ("cpu", torch.float32)
+        assert (torch.tensor([1e-39]) * 1.0).item() == 0.0
+    finally:
+        torch.set_flush_denormal(False)
