@@ -143,9 +143,51 @@ def test_ppo_raises_the_reward(tiny, reward_dir, tmp_path):
     result = train(cfg)
     assert_reward_rose(result, out, tiny)
     assert result.metrics["objective/kl"] > 0
-    # TRL's PPOTrainer cannot resume: a rerun says so instead of silently starting over
-    with pytest.raises(ConfigError, match="PPO cannot resume"):
-        train(cfg)
+
+
+def test_ppo_killed_after_a_checkpoint_resumes_from_it(tiny, reward_dir, tmp_path):
+    """TRL's PPOTrainer has no resume; ours continues policy, value model, optimizer, schedule and counts."""
+    from transformers import TrainerCallback
+
+    from trainers.ppo import PPOSettings, build_trainer, train
+
+    class Killed(Exception):
+        pass
+
+    class KillAfterFirstCheckpoint(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            raise Killed  # runs after the callback that completes the checkpoint
+
+    data = write_sft_records(tmp_path / "sft.jsonl", 16)
+    out = tmp_path / "ppo"
+    cfg = PPOSettings(model=str(tiny), data=data, reward_model=reward_dir, output_dir=out, batch_size=8, response_length=8,
+                      **dict(COMMON, max_steps=4, save_steps=2, reward_eval_prompts=4, reward_eval_samples=2))  # fmt: skip
+    trainer, _, metrics = build_trainer(cfg)
+    trainer.add_callback(KillAfterFirstCheckpoint())
+    with pytest.raises(Killed):
+        trainer.train()
+    saved = json.loads((out / "checkpoint-2" / "ppo_state.json").read_text())
+    assert saved == {"updates_done": 2, "reward_before": metrics["reward_before"]}
+    from transformers import AutoModelForSequenceClassification
+
+    value = AutoModelForSequenceClassification.from_pretrained(str(out / "checkpoint-2" / "value_model")).state_dict()
+    reward = AutoModelForSequenceClassification.from_pretrained(str(reward_dir)).state_dict()
+    assert any(not value[k].equal(reward[k]) for k in value), "the checkpoint holds the trained value model"
+
+    result = train(cfg)  # the rerun, as `distill train ppo` or a recipe does it
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    steps = [row["step"] for row in history if "lr" in row]
+    assert steps == [1, 2, 3, 4], "two updates before the kill, the two that remained after it"
+    lrs = [row["lr"] for row in history if "lr" in row]
+    assert lrs == sorted(lrs, reverse=True) and lrs[2] < lrs[1], f"the schedule continued instead of restarting: {lrs}"
+    assert result.metrics["reward_before"] == metrics["reward_before"]
+    assert json.loads((out / "checkpoint-4" / "ppo_state.json").read_text())["updates_done"] == 4
+    # killed after the last checkpoint, before the model was saved: the rerun trains no more and saves it
+    (out / "model.safetensors").unlink()
+    train(cfg)
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert [row["step"] for row in history if "lr" in row] == [1, 2, 3, 4]
+    assert (out / "model.safetensors").is_file()
 
 
 def test_grpo_raises_the_reward(tiny, reward_dir, tmp_path):

@@ -4,22 +4,30 @@ The policy and the frozen reference both start from `model` (the SFT student); t
 model starts from the reward model. Steps: each of `max_steps` PPO updates samples one
 completion for each of batch_size x grad_accum (x GPUs) prompts, so TRL's `total_episodes`
 is max_steps x that batch (or epochs x prompts when max_steps is -1).
+
+TRL's PPOTrainer has no resume, so a rerun over checkpoints resumes here: each checkpoint also
+holds the value model and the reward measured before training (`ppo_state.json`, written last),
+and the rerun starts from the checkpoint's policy, value model, optimizer and learning-rate
+schedule for the updates that remain. What it cannot restore is the position in the shuffled
+prompts and the sampling RNG: the resumed updates see prompts in a fresh order.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import math
 import os
+import shutil
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
 from synth.errors import ConfigError
 from trainers.common import (
-    last_checkpoint,
     load_model,
     load_tokenizer,
     peft_config,
@@ -58,8 +66,17 @@ class PPOSettings(RLSettings):
     missing_eos_penalty: float | None = Field(None, ge=0, description="Subtracted from the score of completions that never end (none by default).")
 
 
-def build_trainer(config: PPOSettings):
-    """(PPOTrainer, the prompts the before/after reward is measured on, metrics so far) for a config."""
+#: Written into each checkpoint after its value model: a checkpoint without it is not resumable.
+STATE_FILE = "ppo_state.json"
+VALUE_DIR = "value_model"
+
+
+def build_trainer(config: PPOSettings, resume_from: Path | None = None):
+    """(PPOTrainer, the prompts the before/after reward is measured on, metrics so far) for a config.
+
+    With `resume_from` (a checkpoint this module wrote) the policy, value model, optimizer and
+    schedule continue from it, and only the updates that remain are run.
+    """
     with warnings.catch_warnings():  # we know PPO lives in trl.experimental (TRL 1.12 is pinned for it)
         warnings.filterwarnings("ignore", message=".*trl.experimental")
         from trl.experimental.ppo import PPOConfig, PPOTrainer
@@ -78,16 +95,23 @@ def build_trainer(config: PPOSettings):
         raise ConfigError(f"num_mini_batches={config.num_mini_batches} must divide batch_size x grad_accum = {per_step}")
 
     device, _, _ = pick_device(config)
-    policy = load_model(path, config).to(device)  # on the device already for the before-training samples
+    saved = json.loads((resume_from / STATE_FILE).read_text()) if resume_from else None
+    policy = load_model(resume_from or path, config).to(device)  # on the device already for the before-training samples
     reward = load_reward_model(config).to(device)
     eval_prompts = evaluation_prompts(train_set, held_out, config)
-    before = mean_sampled_reward(policy, tokenizer, reward, tokenizer, eval_prompts, config, config.response_length)
+    if saved:
+        before = saved["reward_before"]  # of the starting student, which the checkpoint's policy no longer is
+    else:
+        before = mean_sampled_reward(policy, tokenizer, reward, tokenizer, eval_prompts, config, config.response_length)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    updates = config.max_steps if config.max_steps > 0 else math.ceil(config.epochs * len(encoded) / (per_step * world))
+    # A run killed after its last checkpoint resumes with nothing left to do: it saves the policy.
+    done = min(saved["updates_done"], updates) if saved else 0
     base = trl_args(config)
     base.update(eval_strategy="no", max_steps=-1)  # PPO counts episodes, and samples its own evaluation below
     args = PPOConfig(
         **base,
-        total_episodes=config.max_steps * per_step * world if config.max_steps > 0 else None,
+        total_episodes=(updates - done) * per_step * world,
         num_sample_generations=0,
         response_length=config.response_length,
         temperature=config.temperature,
@@ -106,11 +130,58 @@ def build_trainer(config: PPOSettings):
         model=policy,
         ref_model=None if config.lora else load_model(path, config),  # LoRA: the adapter-free policy is the reference
         reward_model=reward,
-        value_model=load_reward_model(config),
+        value_model=load_reward_model(config, resume_from / VALUE_DIR if resume_from else None),
         train_dataset=encoded.select_columns(["input_ids"]),
         peft_config=peft_config(config),
     )
+    trainer.add_callback(checkpoint_state(trainer, before, updates, done, resume_from))
+    if resume_from:
+        restore_optimizer(trainer, resume_from, updates)
     return trainer, eval_prompts, {"reward_before": before, "prompts_skipped": float(skipped)}
+
+
+def checkpoint_state(trainer, reward_before: float, updates: int, done: int, resume_from: Path | None):
+    """A callback making PPOTrainer's checkpoints resumable: the value model and our state go in beside the policy.
+
+    On a resumed run it also carries the step count, the log history and the schedule's length
+    over from the checkpoint, so logs, checkpoint names and the learning rate continue.
+    """
+    from transformers import TrainerCallback
+
+    history = json.loads((resume_from / "trainer_state.json").read_text())["log_history"] if resume_from else []
+
+    class CheckpointState(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            # PPOTrainer.train() zeroes these just before this call; the resumed run continues the counts.
+            state.global_step = done
+            state.episode = done * args.batch_size
+            state.max_steps = updates
+            state.log_history = list(history)
+
+        def on_save(self, args, state, control, **kwargs):
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            value = trainer.accelerator.unwrap_model(trainer.model).value_model
+            tmp = checkpoint / (VALUE_DIR + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            value.save_pretrained(str(tmp))
+            shutil.rmtree(checkpoint / VALUE_DIR, ignore_errors=True)
+            os.replace(tmp, checkpoint / VALUE_DIR)
+            (checkpoint / (STATE_FILE + ".partial")).write_text(json.dumps({"updates_done": state.global_step, "reward_before": reward_before}))
+            os.replace(checkpoint / (STATE_FILE + ".partial"), checkpoint / STATE_FILE)
+
+    return CheckpointState()
+
+
+def restore_optimizer(trainer, checkpoint: Path, updates: int) -> None:
+    """The checkpoint's optimizer moments, and a schedule as long as the whole run at the checkpoint's step."""
+    import torch
+
+    trainer.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
+    # TRL sized the schedule for the updates that remain; the saved one counts from the run's start.
+    trainer.lr_scheduler = None
+    trainer.create_scheduler(num_training_steps=updates, optimizer=getattr(trainer.optimizer, "optimizer", trainer.optimizer))
+    trainer.lr_scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", map_location="cpu", weights_only=True))
+    trainer.callback_handler.lr_scheduler = trainer.lr_scheduler
 
 
 def distinct_pad(tokenizer, prompt_ids: list[list[int]]) -> None:
@@ -145,14 +216,15 @@ def check_shared_vocab(config: PPOSettings, tokenizer) -> None:
             raise ConfigError(f"reward_model {str(path)!r}: its tokenizer differs from the student's; PPO needs a reward model on the student's tokenizer (GRPO and RLOO do not)")
 
 
-def starting_checkpoint(config: PPOSettings):
-    """PPOTrainer cannot resume its own checkpoints; refuse to silently start over on top of one."""
-    found = last_checkpoint(config.output_dir) if config.resume else None
-    if found:
-        raise ConfigError(
-            f"{found}: PPO cannot resume a checkpoint (TRL's PPOTrainer has no resume); "
-            f"continue from it with --model {found}, or pass --no-resume to start over"
-        )
+def starting_checkpoint(config: PPOSettings) -> Path | None:
+    """The newest checkpoint to resume from (one with our state file), or None to start afresh."""
+    if not config.resume or not config.output_dir.is_dir():
+        return None
+    found = [(int(d.name.removeprefix("checkpoint-")), d) for d in config.output_dir.glob("checkpoint-*")
+             if d.name.removeprefix("checkpoint-").isdigit() and (d / STATE_FILE).is_file()]  # fmt: skip
+    if found and config.lora:
+        raise ConfigError(f"{max(found)[1]}: PPO with LoRA cannot resume a checkpoint; pass --no-resume to start over")
+    return max(found)[1] if found else None
 
 
 @contextmanager
@@ -172,8 +244,7 @@ def frozen_heap():
 
 def train(config: PPOSettings) -> TrainResult:
     """Run PPO from the student against the reward model; returns the saved policy and its metrics."""
-    starting_checkpoint(config)
-    trainer, eval_prompts, metrics = build_trainer(config)
+    trainer, eval_prompts, metrics = build_trainer(config, starting_checkpoint(config))
     with frozen_heap():
         trainer.train()
     policy = trainer.accelerator.unwrap_model(trainer.model).policy  # the value head stays behind
