@@ -91,7 +91,9 @@ class TransformersTeacher(Teacher):
         """Check the model location now; the model itself loads on first use."""
         super().__init__(config.model)
         self.config = config
-        self.batch_size = config.batch_size or 8
+        # 16 rows per forward batch labeled GSM8K 12 % faster than 8 on 2 CPU cores (32: 23 %, but a
+        # logprobs request keeps every step's (batch, vocab) logits, which 32 rows make large).
+        self.batch_size = config.batch_size or 16
         self.concurrency = config.concurrency or 1
         self._embedded = config.model == EMBEDDED
         self._path: Path | None = None
