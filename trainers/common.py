@@ -126,18 +126,19 @@ def split(dataset, config: TrainConfig):
     return parts["train"], parts["test"]
 
 
-def last_checkpoint(output_dir: Path) -> str | None:
+def last_checkpoint(output_dir: Path, written_last: str | None = None) -> str | None:
     """The newest complete checkpoint-N directory in output_dir, if any.
 
     A process killed while saving leaves a checkpoint without its trainer_state.json
     (written last) or with it cut short; resuming from that would fail, so it is skipped.
+    A trainer that adds files of its own after that names the one it writes last.
     """
     if not output_dir.is_dir():
         return None
     found = []
     for d in output_dir.glob("checkpoint-*"):
         step = d.name.removeprefix("checkpoint-")
-        if step.isdigit() and d.is_dir() and _complete(d):
+        if step.isdigit() and d.is_dir() and _complete(d) and (written_last is None or (d / written_last).is_file()):
             found.append((int(step), d))
     return str(max(found)[1]) if found else None
 

@@ -28,6 +28,7 @@ from pydantic import Field
 
 from synth.errors import ConfigError
 from trainers.common import (
+    last_checkpoint,
     load_model,
     load_tokenizer,
     peft_config,
@@ -95,18 +96,20 @@ def build_trainer(config: PPOSettings, resume_from: Path | None = None):
         raise ConfigError(f"num_mini_batches={config.num_mini_batches} must divide batch_size x grad_accum = {per_step}")
 
     device, _, _ = pick_device(config)
-    saved = json.loads((resume_from / STATE_FILE).read_text()) if resume_from else None
     policy = load_model(resume_from or path, config).to(device)  # on the device already for the before-training samples
     reward = load_reward_model(config).to(device)
     eval_prompts = evaluation_prompts(train_set, held_out, config)
-    if saved:
-        before = saved["reward_before"]  # of the starting student, which the checkpoint's policy no longer is
+    if resume_from:
+        # The reward of the starting student, which the checkpoint's policy no longer is.
+        before = json.loads((resume_from / STATE_FILE).read_text())["reward_before"]
+        trainer_state = json.loads((resume_from / "trainer_state.json").read_text())
     else:
         before = mean_sampled_reward(policy, tokenizer, reward, tokenizer, eval_prompts, config, config.response_length)
+        trainer_state = {"global_step": 0, "log_history": []}
     world = int(os.environ.get("WORLD_SIZE", "1"))
     updates = config.max_steps if config.max_steps > 0 else math.ceil(config.epochs * len(encoded) / (per_step * world))
     # A run killed after its last checkpoint resumes with nothing left to do: it saves the policy.
-    done = min(saved["updates_done"], updates) if saved else 0
+    done = min(trainer_state["global_step"], updates)
     base = trl_args(config)
     base.update(eval_strategy="no", max_steps=-1)  # PPO counts episodes, and samples its own evaluation below
     args = PPOConfig(
@@ -134,21 +137,19 @@ def build_trainer(config: PPOSettings, resume_from: Path | None = None):
         train_dataset=encoded.select_columns(["input_ids"]),
         peft_config=peft_config(config),
     )
-    trainer.add_callback(checkpoint_state(trainer, before, updates, done, resume_from))
+    trainer.add_callback(checkpoint_state(trainer, before, updates, done, trainer_state["log_history"]))
     if resume_from:
         restore_optimizer(trainer, resume_from, updates)
     return trainer, eval_prompts, {"reward_before": before, "prompts_skipped": float(skipped)}
 
 
-def checkpoint_state(trainer, reward_before: float, updates: int, done: int, resume_from: Path | None):
+def checkpoint_state(trainer, reward_before: float, updates: int, done: int, history: list[dict]):
     """A callback making PPOTrainer's checkpoints resumable: the value model and our state go in beside the policy.
 
     On a resumed run it also carries the step count, the log history and the schedule's length
     over from the checkpoint, so logs, checkpoint names and the learning rate continue.
     """
     from transformers import TrainerCallback
-
-    history = json.loads((resume_from / "trainer_state.json").read_text())["log_history"] if resume_from else []
 
     class CheckpointState(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -166,7 +167,7 @@ def checkpoint_state(trainer, reward_before: float, updates: int, done: int, res
             value.save_pretrained(str(tmp))
             shutil.rmtree(checkpoint / VALUE_DIR, ignore_errors=True)
             os.replace(tmp, checkpoint / VALUE_DIR)
-            (checkpoint / (STATE_FILE + ".partial")).write_text(json.dumps({"updates_done": state.global_step, "reward_before": reward_before}))
+            (checkpoint / (STATE_FILE + ".partial")).write_text(json.dumps({"reward_before": reward_before}))
             os.replace(checkpoint / (STATE_FILE + ".partial"), checkpoint / STATE_FILE)
 
     return CheckpointState()
@@ -218,13 +219,10 @@ def check_shared_vocab(config: PPOSettings, tokenizer) -> None:
 
 def starting_checkpoint(config: PPOSettings) -> Path | None:
     """The newest checkpoint to resume from (one with our state file), or None to start afresh."""
-    if not config.resume or not config.output_dir.is_dir():
-        return None
-    found = [(int(d.name.removeprefix("checkpoint-")), d) for d in config.output_dir.glob("checkpoint-*")
-             if d.name.removeprefix("checkpoint-").isdigit() and (d / STATE_FILE).is_file()]  # fmt: skip
+    found = last_checkpoint(config.output_dir, written_last=STATE_FILE) if config.resume else None
     if found and config.lora:
-        raise ConfigError(f"{max(found)[1]}: PPO with LoRA cannot resume a checkpoint; pass --no-resume to start over")
-    return max(found)[1] if found else None
+        raise ConfigError(f"{found}: PPO with LoRA cannot resume a checkpoint; pass --no-resume to start over")
+    return Path(found) if found else None
 
 
 @contextmanager
