@@ -285,7 +285,8 @@ _SHARED_CODE = {
     "train": ["trainers/common.py", "trainers/config.py"],
 }
 _TRAINER_CODE = {"ppo": ["rl_common"], "grpo": ["rl_common"], "rloo": ["rl_common", "grpo"], "kd": ["sft"], "gkd": ["sft"]}
-_PROMPT_DIRS = {"label": "label", "curate": "curate", "expand": "expand", "feedback": "feedback", "self": "self", "eval": "label"}
+# A command's templates are prompts/<command>/; eval renders labeling's.
+_PROMPT_DIRS = {"eval": "label"}
 
 
 def _code_files(command: list[str], settings: dict[str, Any] | None = None) -> list[Path]:
@@ -298,8 +299,7 @@ def _code_files(command: list[str], settings: dict[str, Any] | None = None) -> l
         files += sorted((_ROOT / "trainers").glob(f"{command[1]}*.py"))
         files += [_ROOT / "trainers" / f"{m}.py" for m in _TRAINER_CODE.get(command[1], [])]
     files += sorted((_ROOT / "synth" / "generators").glob(f"{module}*.py"))
-    if command[0] in _PROMPT_DIRS:
-        files += sorted((_ROOT / "prompts" / _PROMPT_DIRS[command[0]]).glob("*.jinja"))
+    files += sorted((_ROOT / "prompts" / _PROMPT_DIRS.get(command[0], command[0])).glob("*.jinja"))
     template = (settings or {}).get("template")
     if isinstance(template, str) and "/" in template and not template.endswith(".jinja"):
         files += sorted((_ROOT / "prompts").glob(f"{template}.*.jinja"))  # a named template, e.g. label/cot

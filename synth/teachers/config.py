@@ -25,7 +25,7 @@ class TeacherConfig(BaseModel):
     base_url: str | None = Field(None, description="openai: the API's base URL, e.g. http://127.0.0.1:8000/v1.")
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key.")
     concurrency: int | None = Field(None, ge=1, description="Requests in flight at once (default: 64 openai, 1 local).")
-    batch_size: int | None = Field(None, ge=1, description="Prompts per forward batch (local backends; default 16 transformers, 256 vllm).")
+    batch_size: int | None = Field(None, ge=1, description="Local backends: samples per forward batch for transformers (default 16), requests per engine call for vllm (default 256).")
     timeout: float = Field(120.0, gt=0, description="openai: seconds before a request is abandoned and retried.")
     max_retries: int = Field(6, ge=0, description="openai: retries of a transient failure (429, 5xx, timeout, dropped connection).")
     backoff_base: float = Field(0.5, ge=0, description="openai: first retry delay in seconds, doubled each retry, with jitter.")
