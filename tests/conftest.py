@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +14,26 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Set before any test imports datasets or huggingface_hub (they read these once, at import): the
+# suite must never write into the user's caches. A `datasets` cache entry left in ~/.cache once
+# served a test fixture's rows to a user's own `load_dataset("out/quickstart/labeled")`.
+# Children (`run_cli`, servers) inherit them. The embedded model's one-off conversion stays in the
+# user's blackbox-distill cache on purpose: it is the same for everyone and costs ~18 s to redo.
+SESSION_HOME = Path(tempfile.mkdtemp(prefix="bbd-tests-"))
+ISOLATED_ENV = {
+    "HF_HOME": SESSION_HOME / "huggingface",
+    "HF_DATASETS_CACHE": SESSION_HOME / "huggingface" / "datasets",
+    "BBD_RESPONSE_CACHE": SESSION_HOME / "responses",
+    "MPLCONFIGDIR": SESSION_HOME / "matplotlib",
+}
+for _name, _path in ISOLATED_ENV.items():
+    os.environ[_name] = str(_path)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the session's caches."""
+    shutil.rmtree(SESSION_HOME, ignore_errors=True)
 
 
 def free_port() -> int:
