@@ -174,22 +174,40 @@ def _yaml(text: str, path: Path) -> Any:
 
 
 def _teacher_arg(block: Any, work_dir: Path, path: Path) -> str | None:
-    """The recipe's teacher as a --teacher value: a spec string, or a mapping written to a YAML file."""
-    if block is None or isinstance(block, str):
-        return block
+    """The recipe's teacher as a --teacher value: a spec string, or a mapping written to a YAML file.
+
+    Stage command lines are printed and saved, and the mapping is saved as `.recipe/teacher.yaml`:
+    a base URL's credentials (`user:pass@`, `?api_key=`) are masked in both, and the real URL is
+    kept in this process's memory only (`synth.redact.remember`). The stages run in this process,
+    and the openai backend puts the credentials back when it connects; the saved file alone,
+    read by another process, fails with a message instead of sending the mask.
+    """
+    from synth.redact import redact, remember
+    from synth.teachers.config import TeacherConfig, parse_teacher_spec
+
+    if block is None:
+        return None
+    if isinstance(block, str):
+        config = parse_teacher_spec(block) if block.startswith("openai:") else None
+        if config is None or not config.base_url:
+            return block
+        return f"openai:{config.model}@{remember(config.base_url)}"
     if not isinstance(block, dict):
         raise ConfigError(f"{path}: 'teacher' is a spec string or a mapping of teacher settings")
-    from synth.teachers.config import TeacherConfig
-
     try:
         TeacherConfig.model_validate(block)
     except Exception as exc:  # pydantic's ValidationError, named for the user
         from synth.errors import describe_validation_error
 
-        raise ConfigError(f"{path}: teacher: {describe_validation_error(exc, 'key')}") from None
+        raise ConfigError(redact(f"{path}: teacher: {describe_validation_error(exc, 'key')}")) from None
+    saved = dict(block)
+    if saved.get("base_url"):
+        saved["base_url"] = remember(saved["base_url"])
+    if saved.get("api_key_env"):  # a key pasted where its variable's name belongs
+        saved["api_key_env"] = redact(saved["api_key_env"])
     target = work_dir / ".recipe" / "teacher.yaml"
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(yaml.safe_dump(block, sort_keys=True), encoding="utf-8")
+    target.write_text(yaml.safe_dump(saved, sort_keys=True), encoding="utf-8")
     return str(target)
 
 
@@ -338,5 +356,8 @@ def mark(recipe: Recipe, stage: Stage, state: str) -> None:
     target = recipe.state_path(stage)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"fingerprint": stage.fingerprint, "status": state, "argv": stage.argv, "time": time.time()}, indent=2))
+    from synth.redact import redact_all
+
+    argv = redact_all(stage.argv)  # a stage's own teacher/judge flags may carry credentials
+    tmp.write_text(json.dumps({"fingerprint": stage.fingerprint, "status": state, "argv": argv, "time": time.time()}, indent=2))
     os.replace(tmp, target)

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from synth.errors import ConfigError, InputError
+from synth.redact import redact
 from synth.teachers.base import TeacherError
 
 
@@ -138,7 +139,7 @@ def ask(teacher_spec: str, requests: list, config: EvalConfig) -> tuple[list, di
     finally:
         cache.close()
     costs = {
-        "spec": teacher.spec,
+        "spec": redact(teacher.spec),
         "requests_sent": teacher.stats.requests_sent,
         "cache_hits": cached.cache_stats.hits,
         "prompt_tokens": teacher.stats.prompt_tokens,
@@ -206,7 +207,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     results, teacher_costs = ask(config.teacher, requests, config)
     answered = [i for i, r in enumerate(results) if not isinstance(r, TeacherError)]
     if not answered:
-        raise ConfigError(f"the teacher {config.teacher} answered none of the {len(items)} prompts: {getattr(results[0], 'reason', '')}")
+        raise ConfigError(redact(f"the teacher {config.teacher} answered none of the {len(items)} prompts: {getattr(results[0], 'reason', '')}"))
     if len(answered) < len(items):
         notes.append(f"the teacher failed on {len(items) - len(answered)} prompts; they are left out (rerun to retry them)")
     teacher_text = {i: results[i].completions[0].text for i in answered}
@@ -230,7 +231,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         teacher_nll = em.mean_nll(values)
         del model
     else:
-        notes.append(f"the teacher {config.teacher} is not a local model: no NLL floor, no gap closed")
+        notes.append(f"the teacher {redact(config.teacher)} is not a local model: no NLL floor, no gap closed")
     lap("teacher_nll")
 
     # 3. Each model answers and scores the teacher's answers.
@@ -257,13 +258,13 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
 
     summary = em.summarize(items, answered, teacher_answer, teacher_nll, models, checker)
     teacher_row = {
-        "name": "teacher", "spec": config.teacher, **teacher_costs,
+        "name": "teacher", **teacher_costs,
         "accuracy": em.rate([em.same(checker, teacher_answer[i], items[i].reference) for i in answered if items[i].reference]),
         "answered": em.rate([teacher_answer[i] is not None for i in answered]),
         **(teacher_nll or {"nll": None, "nll_per_byte": None, "nll_tokens": 0}),
     }  # fmt: skip
     result = {
-        "config": config.model_dump(mode="json"),
+        "config": shown_config(config),
         "prompts": len(items),
         "teacher": teacher_row,
         "judge": judge_costs,
@@ -276,6 +277,15 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     (config.output_dir / "eval.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     write_report(result, config.output_dir)
     return result
+
+
+def shown_config(config: EvalConfig) -> dict[str, Any]:
+    """The settings as eval.json records them: teacher and judge specs (URLs) without their credentials."""
+    shown = config.model_dump(mode="json")
+    for key in ("teacher", "judge"):
+        if shown[key]:
+            shown[key] = redact(shown[key])
+    return shown
 
 
 def judge_all(config: EvalConfig, items: list[Item], answered: list[int], teacher_text: dict, models: list[dict]) -> dict[str, Any]:

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from synth.redact import redact
+
 ACCURACY_PNG = "accuracy.png"
 NLL_PNG = "nll.png"
 JUDGE_PNG = "judge.png"
@@ -28,11 +30,11 @@ def write_report(result: dict[str, Any], out_dir: Path) -> Path:
     lines = [
         "# Evaluation",
         "",
-        f"- teacher: `{teacher['spec']}` ({teacher['requests_sent']} requests sent, {teacher['cache_hits']} answers from the cache)",
+        f"- teacher: `{redact(teacher['spec'])}` ({teacher['requests_sent']} requests sent, {teacher['cache_hits']} answers from the cache)",
         f"- prompts: `{config['prompts']}` ({result['prompts']} evaluated), students answer greedily, at most {config['max_new_tokens']} new tokens",
     ]
     if judge:
-        lines.append(f"- judge: `{judge['spec']}`, each pair asked twice with the order swapped; inconsistent verdicts count as ties "
+        lines.append(f"- judge: `{redact(judge['spec'])}`, each pair asked twice with the order swapped; inconsistent verdicts count as ties "
                      f"({judge['requests_sent']} requests sent, {judge['cache_hits']} from the cache)")  # fmt: skip
     lines += [
         "",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from distill.config_flags import add_config_flags, load_config
+from synth.redact import redact
 
 
 def register(sub) -> None:
@@ -31,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args, EvalConfig)
     result = evaluate(config)
     teacher = result["teacher"]
-    print(f"teacher {teacher['spec']}: {teacher['requests_sent']} requests sent, {teacher['cache_hits']} from the cache; "
+    print(f"teacher {redact(teacher['spec'])}: {teacher['requests_sent']} requests sent, {teacher['cache_hits']} from the cache; "
           f"accuracy {fmt(teacher['accuracy'], percent=True)}, NLL floor {fmt(teacher['nll'])}")  # fmt: skip
     print(f"{'model':24} {'accuracy':>9} {'agree':>7} {'NLL':>7} {'closed':>7} {'judge':>7}")
     for m in result["models"]:

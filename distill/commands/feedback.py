@@ -49,6 +49,7 @@ from synth.generators.feedback_rate import (
 from synth.io import read_jsonl, rejects_path, write_jsonl_atomic
 from synth.job import JobSummary, RunSettings, run_job, stage_output
 from synth.prompts import load_template
+from synth.redact import redact, redact_data
 from synth.records import Provenance, stable_id
 from synth.teachers import (
     SamplingParams,
@@ -242,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
         stages.pool.close()
     provenance = Provenance(
         teacher=",".join(judge_names), method=f"feedback-{config.mode}", template=template.name, template_hash=template.hash,
-        params=config.model_dump(mode="json", exclude={"lang"}), task="",
+        params=redact_data(config.model_dump(mode="json", exclude={"lang"})), task="",
     )
     rows = [row for judge_rows in judged for row in judge_rows]
     written, rejects = aggregate(config.mode, prompted, rows, judge_names, config, provenance, args.output)
@@ -258,9 +259,9 @@ def feedback_sources(config: FeedbackConfig, teacher: TeacherConfig, args) -> li
     sample = SamplingParams(temperature=config.candidate_temperature, max_tokens=config.candidate_max_tokens, n=k, seed=seed)
     sources = []
     if config.student:
-        sources.append((f"student {config.student}", "candidates-student", spec_config(config.student, args), sample, False))
+        sources.append((f"student {redact(config.student)}", "candidates-student", spec_config(config.student, args), sample, False))
     for spec in config.candidate_model:
-        sources.append((f"model {spec}", f"candidates-model-{stable_id(spec)[:8]}", spec_config(spec, args), sample, False))
+        sources.append((f"model {redact(spec)}", f"candidates-model-{stable_id(spec)[:8]}", spec_config(spec, args), sample, False))
     temperatures, only_missing = (config.temperatures, False) if config.temperatures or sources else (FALLBACK_TEMPERATURES, True)
     for t in temperatures:
         params = sample.model_copy(update={"temperature": t})

@@ -29,6 +29,7 @@ from synth.generators.label import (
 from synth.io import read_jsonl, rejects_path, write_jsonl_atomic
 from synth.job import JobSummary, run_job, stage_output
 from synth.records import Reject
+from synth.redact import redact
 from synth.teachers import TeacherConfig
 
 
@@ -181,7 +182,7 @@ def print_label_summary(output: Path, kept: int, reasons: Counter, teachers: lis
     print(f"rejects: {sum(reasons.values())} in {rejects_path(output)}" + (f" ({detail})" if detail else ""))
     for name, s in zip(teachers, summaries):
         print(
-            f"teacher {name}: {s.requests_sent} requests sent, {s.cache_hits} samples from cache, {s.retries} retries, "
+            f"teacher {redact(name)}: {s.requests_sent} requests sent, {s.cache_hits} samples from cache, {s.retries} retries, "
             f"{s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion tokens in {s.seconds:.1f} s"
         )
     failed = sum(s.teacher_errors for s in summaries)

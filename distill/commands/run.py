@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from distill.cli import main as distill_main
     from synth.datacard import write_data_card
     from synth.errors import ConfigError
+    from synth.redact import redact_all
 
     variables = parse_assignments(args.var, "--var", dotted=False)
     recipe = load_recipe(args.recipe, variables, parse_assignments(args.set, "--set", dotted=True))
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"recipe {recipe.name}: {len(recipe.stages)} stages")
     pending: set[str] = set()
     for i, stage in enumerate(recipe.stages, start=1):
-        line = f"[{i}/{len(recipe.stages)}] {stage.name}: distill {' '.join(stage.argv)}"
+        line = f"[{i}/{len(recipe.stages)}] {stage.name}: distill {' '.join(redact_all(stage.argv))}"
         waiting = [d for d in stage.depends if d in pending]
         if args.dry_run and waiting:
             print(f"{line}\n    todo (after {', '.join(waiting)})")

@@ -42,6 +42,7 @@ from synth.generators.self_knowledge import best_index, consistency_scores, self
 from synth.io import rejects_path, write_jsonl_atomic
 from synth.prompts import load_template
 from synth.records import Provenance
+from synth.redact import redact_data
 from synth.teachers import SamplingParams
 
 
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         stages.pool.close()
 
-    provenance = Provenance(teacher=student_name, method=f"self-{config.judge_by}", params=config.model_dump(mode="json", exclude={"lang"}), task="")
+    provenance = Provenance(teacher=student_name, method=f"self-{config.judge_by}", params=redact_data(config.model_dump(mode="json", exclude={"lang"})), task="")
     sft, pairs, rejects = [], [], []
     for p in prompted:
         scores, details = scored[p.key]

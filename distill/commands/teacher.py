@@ -6,6 +6,7 @@ import argparse
 import asyncio
 
 from distill.commands.common import add_teacher_flags, teacher_config
+from synth.redact import redact
 from synth.teachers import build_teacher
 
 
@@ -35,12 +36,12 @@ def run_check(args: argparse.Namespace) -> int:
             await teacher.aclose()
 
     caps = asyncio.run(probe())
-    print(f"teacher:      {teacher.spec}")
+    print(f"teacher:      {redact(teacher.spec)}")
     print(f"n > 1:        {'yes' if caps.n else 'no (samples are requested one at a time with distinct seeds)'}")
     print(f"logprobs:     {'yes' if caps.logprobs else 'no (soft labels unavailable)'}")
     print(f"json output:  {caps.json_schema}")
     if caps.latency_s is not None:
         print(f"latency:      {caps.latency_s * 1000:.0f} ms for one short answer")
     for note in caps.notes:
-        print(f"note:         {note}")
+        print(f"note:         {redact(note)}")
     return 0

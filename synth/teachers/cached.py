@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from synth.cache import ResponseCache, request_fingerprint, sample_key
+from synth.redact import redact
 from synth.teachers.base import (
     Capabilities,
     ChatRequest,
@@ -38,7 +39,8 @@ class CachedTeacher(Teacher):
         self.stats = inner.stats
         self.cache_stats = CacheStats()
         self._identity = inner.cache_identity()
-        self._teacher_name = inner.spec
+        # Stored in every cache row: a backend's name must not carry its credentials there.
+        self._teacher_name = redact(inner.spec)
 
     @property
     def tokenizer_name(self) -> str | None:

@@ -13,11 +13,13 @@ import json
 import os
 import time
 from typing import Any, Sequence
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import openai
 from openai import AsyncOpenAI
 
+from synth.errors import ConfigError
+from synth.redact import redact, unmask
 from synth.teachers.base import (
     Capabilities,
     ChatRequest,
@@ -54,6 +56,29 @@ def normalize_base_url(url: str) -> str:
     return urlunsplit((parts.scheme.lower(), netloc, parts.path.rstrip("/"), "", ""))
 
 
+def client_url(url: str) -> tuple[str, dict[str, str]]:
+    """The base URL to give the official client, and the query parameters it must send on every request.
+
+    The client joins `chat/completions` to its base URL's raw path, query included
+    (`/v1/?api_key=Kchat/completions`, a 404): a query written in the URL (`?api_key=`, an
+    Azure `api-version`) goes to the client's default query instead. Credentials in the
+    userinfo stay in the URL: the HTTP client sends them as basic auth.
+    """
+    parts = urlsplit(url.strip())
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")), dict(parse_qsl(parts.query, keep_blank_values=True))
+
+
+def real_url(url: str) -> str:
+    """`url` with any credentials this process masked (a recipe's saved teacher) put back; a mask it cannot undo is an error."""
+    real = unmask(url)
+    if real is None:
+        raise ConfigError(
+            f"teacher base_url {url}: its credentials were masked when it was saved and are not known here; "
+            "give the teacher with its real URL (or put the key in the variable api_key_env names)"
+        )
+    return real
+
+
 def map_error(exc: BaseException) -> TeacherError:
     """Turn whatever the client raised into a transient or permanent `TeacherError`."""
     if isinstance(exc, TeacherError):
@@ -73,7 +98,7 @@ def map_error(exc: BaseException) -> TeacherError:
         # garbled body surfaces as JSONDecodeError, typically a proxy hiccup.
         return TransientTeacherError(f"invalid JSON in response: {type(exc).__name__}")
     if isinstance(exc, openai.OpenAIError):
-        return PermanentTeacherError(f"{type(exc).__name__}: {exc}")
+        return PermanentTeacherError(redact(f"{type(exc).__name__}: {exc}"))
     raise exc
 
 
@@ -86,7 +111,8 @@ def _server_message(exc: openai.APIStatusError) -> str:
         text = body
     else:
         text = exc.response.reason_phrase or "error"
-    return " ".join(text.split())[:500]
+    # A server may echo the request URL, query string and all.
+    return redact(" ".join(text.split())[:500])
 
 
 def _is_format_refusal(exc: openai.APIStatusError) -> bool:
@@ -116,7 +142,8 @@ class OpenAITeacher(Teacher):
         super().__init__(config.model)
         self.config = config
         self.concurrency = config.concurrency or 64
-        self.base_url = normalize_base_url(config.base_url or DEFAULT_BASE_URL)
+        self._url, self._query = client_url(real_url(config.base_url or DEFAULT_BASE_URL))
+        self.base_url = normalize_base_url(self._url)
         self.policy = RetryPolicy(config.max_retries, config.backoff_base, config.backoff_max)
         self.json_mode: str | None = None if config.structured_output == "auto" else config.structured_output
         self.n_supported: bool | None = None
@@ -133,8 +160,8 @@ class OpenAITeacher(Teacher):
 
     @property
     def spec(self) -> str:
-        """`openai:MODEL@BASE_URL`, with no credentials."""
-        return f"openai:{self.model}@{self.base_url}"
+        """`openai:MODEL@BASE_URL`, with no credentials (nor a key some gateways put in the path)."""
+        return redact(f"openai:{self.model}@{self.base_url}")
 
     def _ensure_client(self) -> AsyncOpenAI:
         # The client's connection pool and our semaphore belong to one event loop;
@@ -142,8 +169,9 @@ class OpenAITeacher(Teacher):
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
             key = os.environ.get(self.config.api_key_env) or "EMPTY"
-            url = self.config.base_url or DEFAULT_BASE_URL
-            self._client = AsyncOpenAI(api_key=key, base_url=url, max_retries=0, timeout=self.config.timeout)
+            self._client = AsyncOpenAI(
+                api_key=key, base_url=self._url, default_query=self._query or None, max_retries=0, timeout=self.config.timeout
+            )
             self._loop = loop
             self._sem = asyncio.Semaphore(self.concurrency)
             self._probe_lock = asyncio.Lock()
