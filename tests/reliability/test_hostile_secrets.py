@@ -239,3 +239,26 @@ def test_no_planted_secret_in_the_journal_of_a_killed_run(tmp_path):
             printed = "".join(proc.communicate(timeout=60))
     assert journal.stat().st_size > 0 and not out.exists()
     assert not leaks(tmp_path, inputs, printed)
+
+
+def test_a_recipe_teacher_file_read_by_another_process_fails_clearly_instead_of_sending_the_mask(tmp_path, monkeypatch, capsys):
+    import synth.redact
+
+    monkeypatch.setenv(KEY_ENV, SECRETS["API key in the environment"])
+    monkeypatch.setenv("BBD_RESPONSE_CACHE", str(tmp_path / "cache"))
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    with FaultServer() as server:
+        ctx = Ctx(inputs, tmp_path / "out", with_credentials(server.base_url), with_token(server.base_url))
+        recipe = _recipe(ctx, f"{{backend: openai, model: echo, base_url: '{ctx.url}', api_key_env: {KEY_ENV}, max_retries: 0}}", with_eval=False)
+        assert main(recipe) == 0, capsys.readouterr()
+        sent = server.received
+        saved = ctx.out / ".recipe" / "teacher.yaml"
+        assert "base_url: http://***@127.0.0.1:" in saved.read_text() and "api_key=***" in saved.read_text()
+        monkeypatch.setattr(synth.redact, "_REAL", {})  # what another process knows: only the file
+        capsys.readouterr()
+        code = main(["generate", "--teacher", str(saved), "--input", ctx.prompts(), "--output", str(tmp_path / "again.jsonl"), "--quiet"])
+        printed = "".join(capsys.readouterr())
+        assert server.received == sent, "nothing is sent with a masked password"
+    assert code == 1 and "credentials were masked when it was saved" in printed and printed.count("\n") == 1, printed
+    assert not leaks(tmp_path, inputs, printed)
