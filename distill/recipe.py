@@ -5,6 +5,8 @@ underscores (`max_steps: 20` is `--max-steps 20`), so a recipe maps one-to-one o
 the CLI and its configs. `@name` is the output of stage `name`. Each stage is
 fingerprinted (its arguments, the content of its inputs, the code of its command);
 a rerun skips stages whose fingerprint is unchanged and resumes an interrupted one.
+A stage's state file also records what it made: a changed stage removes only that, and
+anything else in the way of its output stops it before it starts.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ValidationError
 
 from synth.errors import ConfigError
 
@@ -31,6 +34,9 @@ TOP_LEVEL = {"name", "description", "teacher", "vars", "work_dir", "stages"}
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # `@name`, or `hf:@name` where a flag takes a teacher spec (a stage's model served as a teacher).
 _REF = re.compile(r"^(hf:)?@(.+)$")
+# A stage name is also its state file's name: no path separators, no leading dot.
+_STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_SCALARS = (str, int, float, bool)
 _ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -109,12 +115,17 @@ def load_recipe(path: str | Path, variables: dict[str, str] | None = None, overr
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: recipe not found")
-    raw = _yaml(path.read_text(encoding="utf-8"), path) or {}
+    text = _read_text(path)
+    raw = _yaml(text, path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe is a mapping with a 'stages' list")
-    given = {k: str(v) for k, v in (raw.get("vars") or {}).items()}
-    given = {k: expand_vars(v, {}, path) for k, v in given.items()}
-    data = _yaml(expand_vars(path.read_text(encoding="utf-8"), {**given, **(variables or {})}, path), path) or {}
+    given = {k: expand_vars(v, {}, path) for k, v in _vars(raw.get("vars"), path).items()}
+    data = _yaml(expand_vars(text, {**given, **(variables or {})}, path), path) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping with a 'stages' list (after putting in the vars)")
+    for key in ("name", "work_dir"):
+        if data.get(key) is not None and not isinstance(data[key], _SCALARS):
+            raise ConfigError(f"{path}: key '{key}': expected a string, got {_kind(data[key])}")
     unknown = set(data) - TOP_LEVEL
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key '{sorted(unknown)[0]}' (known: {', '.join(sorted(TOP_LEVEL))})")
@@ -134,10 +145,18 @@ def load_recipe(path: str | Path, variables: dict[str, str] | None = None, overr
     for i, entry in enumerate(stages_raw):
         if not isinstance(entry, dict) or "name" not in entry or "command" not in entry:
             raise ConfigError(f"{path}: stage {i + 1} needs a 'name' and a 'command'")
-        stage_name, command = str(entry["name"]), str(entry["command"]).split()
+        stage_name, command = str(entry["name"]), entry["command"]
+        if not isinstance(entry["name"], (str, int)) or not _STAGE_NAME.match(stage_name):
+            raise ConfigError(f"{path}: stage {i + 1}: 'name' {entry['name']!r}: use letters, digits, '-', '_' and '.' (it names the stage's state file)")
+        if not isinstance(command, str) or not command.split():
+            raise ConfigError(f"{path}: stage '{stage_name}': key 'command': expected a command such as 'generate' or 'train sft', got {_kind(command)}")
+        command = command.split()
         if stage_name in outputs:
             raise ConfigError(f"{path}: two stages are named '{stage_name}'")
         settings = {k: v for k, v in entry.items() if k not in ("name", "command")}
+        for key, value in settings.items():
+            if not _setting_ok(value):
+                raise ConfigError(f"{path}: stage '{stage_name}': key '{key}': expected a string, number, true/false or a list of them, got {_kind(value)}")
         sub = _subparser(parser, command, stage_name, path)
         flags = _flags_of(sub)
         if "teacher" in flags and "teacher" not in settings and teacher_arg is not None:
@@ -161,6 +180,46 @@ def load_recipe(path: str | Path, variables: dict[str, str] | None = None, overr
         outputs[stage_name] = output
         stages.append(Stage(stage_name, command, settings, argv, output, depends))
     return Recipe(path=path, name=name, work_dir=work_dir, stages=stages)
+
+
+def _read_text(path: Path) -> str:
+    """The recipe's text; bytes that are not UTF-8 are named by line and byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {data[exc.start]:#04x}); save the recipe as UTF-8") from None
+
+
+def _vars(block: Any, path: Path) -> dict[str, str]:
+    """The recipe's `vars:` as NAME → text; anything but a mapping of scalars is an error naming the key."""
+    if block is None:
+        return {}
+    if not isinstance(block, dict):
+        raise ConfigError(f"{path}: key 'vars': expected a mapping of NAME: value, got {_kind(block)}")
+    for key, value in block.items():
+        if not isinstance(value, _SCALARS):
+            raise ConfigError(f"{path}: key 'vars.{key}': expected a string or number, got {_kind(value)}")
+    return {str(k): str(v) for k, v in block.items()}
+
+
+def _setting_ok(value: Any) -> bool:
+    """A stage setting is a scalar or a list of scalars: what a flag can take."""
+    if isinstance(value, list):
+        return all(isinstance(v, _SCALARS) for v in value)
+    return isinstance(value, _SCALARS)
+
+
+def _kind(value: Any) -> str:
+    """How a YAML value reads, for messages: 'a list', 'a mapping', 'nothing'."""
+    if value is None:
+        return "nothing (an empty value)"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"{type(value).__name__} {value!r}"
 
 
 def _yaml(text: str, path: Path) -> Any:
@@ -324,40 +383,152 @@ def _code_files(command: list[str], settings: dict[str, Any] | None = None) -> l
     return list(dict.fromkeys(f for f in files if f.is_file()))
 
 
+class Made(BaseModel):
+    """A path a stage made, so a later run may remove it."""
+
+    path: str
+    #: An empty folder that was there before the stage: only what is inside is the stage's.
+    kept: bool = False
+    #: The files a finished stage left in a folder (relative); None while it runs.
+    files: list[str] | None = None
+
+
+class StageState(BaseModel):
+    """A stage's state file (`<work_dir>/.recipe/<stage>.json`)."""
+
+    fingerprint: str
+    status: Literal["running", "done"]
+    #: Older versions recorded nothing here, so nothing they left is removed.
+    made: list[Made] = []
+
+
+def read_state(recipe: Recipe, stage: Stage) -> StageState | None:
+    """The stage's recorded state, or None before its first run; a damaged file is an error naming it."""
+    path = recipe.state_path(stage)
+    if not path.is_file():
+        return None
+    try:
+        return StageState.model_validate_json(path.read_bytes())
+    except (OSError, ValidationError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not a stage state"
+        raise ConfigError(
+            f"{path}: damaged recipe state ({why}); delete it and move away what stage '{stage.name}' wrote "
+            f"({stage.output}), then rerun"
+        ) from None
+
+
 def status(recipe: Recipe, stage: Stage) -> str:
     """'done' (same fingerprint, output present), 'interrupted' (same fingerprint, not finished) or 'todo'."""
-    state_file = recipe.state_path(stage)
-    if not state_file.is_file():
+    state = read_state(recipe, stage)
+    if state is None or state.fingerprint != stage.fingerprint:
         return "todo"
-    state = json.loads(state_file.read_text())
-    if state.get("fingerprint") != stage.fingerprint:
-        return "todo"
-    if state.get("status") == "done" and (stage.output is None or stage.output.exists()):
+    if state.status == "done" and (stage.output is None or stage.output.exists()):
         return "done"
     return "interrupted"
 
 
-def clear_outputs(stage: Stage) -> None:
-    """Remove what an older version of the stage wrote, so a changed stage starts clean."""
+#: What commands write beside their output: `out.jsonl` → `out.rejects.jsonl`, `out.work/`, ...
+_SIBLINGS = (".rejects.jsonl", ".work", ".sft.jsonl", ".pairs.jsonl", ".coverage.json", ".coverage.md", ".tree.yaml")
+
+
+def stage_paths(stage: Stage) -> list[Path]:
+    """Where the stage writes: its output, the output's journal, and the files its command puts beside it."""
     if stage.output is None:
-        return
+        return []
     out = stage.output
     stem = out.name[: -len(".jsonl")] if out.name.endswith(".jsonl") else out.name
-    siblings = [".rejects.jsonl", ".work", ".sft.jsonl", ".pairs.jsonl", ".coverage.json", ".coverage.md"]
-    for p in (out, out.with_name(out.name + ".partial"), *(out.with_name(stem + s) for s in siblings)):
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
+    return [out, out.with_name(out.name + ".partial"), *(out.with_name(stem + s) for s in _SIBLINGS)]
 
 
-def mark(recipe: Recipe, stage: Stage, state: str) -> None:
-    """Record the stage's fingerprint and state ('running' or 'done')."""
+def clear_outputs(recipe: Recipe, stage: Stage) -> list[Made]:
+    """Make way for a stage that starts over: remove what its earlier runs made; anything else in its
+    way is an error naming it. Every path is checked before any is removed.
+
+    Returns what the stage is about to make, for its state file: the paths absent now, and the
+    empty folders it will fill.
+    """
+    state = read_state(recipe, stage)
+    made = {m.path: m for m in (state.made if state else [])}
+    doomed = []
+    for path in stage_paths(stage):
+        if not os.path.lexists(path):
+            continue
+        record = made.get(str(path))
+        if record is None:
+            if _empty_dir(path):
+                continue
+            raise ConfigError(_in_the_way(stage, path))
+        stray = _stray(path, record)
+        if stray is not None:
+            raise ConfigError(
+                f"stage '{stage.name}': {stray} lies in {path}, which the stage made, but the stage did not write it; "
+                "move it away so the stage can start over"
+            )
+        doomed.append((path, record))
+    for path, record in doomed:
+        _remove(path, record.kept)
+    return [Made(path=str(p), kept=os.path.lexists(p)) for p in stage_paths(stage) if not os.path.lexists(p) or _empty_dir(p)]
+
+
+def finished(made: list[Made]) -> list[Made]:
+    """What a finished stage made: the paths now there, each folder with the files in it."""
+    return [
+        m.model_copy(update={"files": _listing(Path(m.path)) if _real_dir(Path(m.path)) else None})
+        for m in made
+        if os.path.lexists(m.path)
+    ]
+
+
+def _real_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def _empty_dir(path: Path) -> bool:
+    return _real_dir(path) and not any(path.iterdir())
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not _real_dir(p))
+
+
+def _stray(path: Path, record: Made) -> Path | None:
+    """A file in a folder the stage made that the finished stage did not leave there."""
+    if not _real_dir(path) or record.files is None:
+        return None
+    known = set(record.files)
+    return next((path / f for f in _listing(path) if f not in known), None)
+
+
+def _in_the_way(stage: Stage, path: Path) -> str:
+    key = next((k for k in OUTPUT_KEYS if k in stage.settings), "output")
+    shown = path
+    if _real_dir(path):
+        shown = next((p for p in path.rglob("*") if not _real_dir(p)), None) or next(path.iterdir())
+    return (
+        f"stage '{stage.name}': {shown} is in the way of its output ({key}: {stage.output}) and this recipe did not "
+        f"make it (a run removes only what it made); move it away, or choose another {key}"
+    )
+
+
+def _remove(path: Path, kept: bool) -> None:
+    """Remove a path a stage made; of a folder that was there before it, only what is inside."""
+    if not _real_dir(path):
+        path.unlink()
+    elif not kept:
+        shutil.rmtree(path)
+    else:
+        for child in path.iterdir():
+            _remove(child, kept=False)
+
+
+def mark(recipe: Recipe, stage: Stage, state: str, made: list[Made]) -> None:
+    """Record the stage's fingerprint, state ('running' or 'done') and what it made."""
     target = recipe.state_path(stage)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".tmp")
     from synth.redact import redact_all
 
     argv = redact_all(stage.argv)  # a stage's own teacher/judge flags may carry credentials
-    tmp.write_text(json.dumps({"fingerprint": stage.fingerprint, "status": state, "argv": argv, "time": time.time()}, indent=2))
+    tmp.write_text(json.dumps({"fingerprint": stage.fingerprint, "status": state, "argv": argv, "time": time.time(),
+                               "made": [m.model_dump(exclude_none=True) for m in made]}, indent=2))
     os.replace(tmp, target)

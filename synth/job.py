@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -16,9 +19,9 @@ from typing import Callable, Iterable, Iterator, Literal, Union
 from pydantic import BaseModel
 
 from synth.cache import ResponseCache
-from synth.errors import ConfigError, DistillError
+from synth.errors import DistillError
 from synth.generators.base import Generator
-from synth.io import TaskJournal, read_jsonl, rejects_path
+from synth.io import JournalError, TaskJournal, check_output, read_jsonl, rejects_path
 from synth.progress import JobCounts, ProgressLine
 from synth.runner import Runner
 from synth.teachers import TeacherConfig, build_teacher
@@ -64,6 +67,19 @@ def open_cache(cache_dir: str | Path | None, mode: CacheMode) -> ResponseCache:
 
 
 @contextmanager
+def _disk_errors(path: Path, doing: str, cache: ResponseCache) -> Iterator[None]:
+    """An OSError (disk full, permissions) as one line naming the file and the error, and saying what is kept."""
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename or path
+        kept = "every answer received is cached" if cache.write else "nothing was cached (--no-cache)"
+        raise JournalError(
+            f"{where}: {doing}: {exc.strerror or exc}; {kept}: fix that and rerun the same command to continue"
+        ) from None
+
+
+@contextmanager
 def _stop_on_signals(runner: Runner) -> Iterator[None]:
     """First Ctrl-C or SIGTERM: stop starting requests and wait for those in flight, so none
     that the teacher answers (and bills) is lost; a second one aborts at once."""
@@ -96,6 +112,8 @@ class RunSettings:
     cache_dir: str | Path | None = None
     cache_mode: CacheMode = "use"
     progress: bool = True
+    #: Discard the journal an earlier run left (cached answers are still used).
+    restart: bool = False
 
 
 #: A job's inputs: a JSON Lines file (validated against the generator's input model), or a
@@ -120,8 +138,7 @@ def run_job(
     """
     settings = settings or RunSettings()
     output = Path(output)
-    if isinstance(source, (str, Path)) and output.resolve() == Path(source).resolve():
-        raise ConfigError(f"{output}: the output would overwrite the input")
+    check_output(output, [source] if isinstance(source, (str, Path)) else [])
     owned = isinstance(teacher, TeacherConfig)
     prices = (teacher.price_per_mtok_in, teacher.price_per_mtok_out) if owned else (None, None)
     if owned:
@@ -136,20 +153,24 @@ def run_job(
         return islice(rows, limit)
 
     # A bad line, or a template that does not fit one, fails the job before any teacher call or output.
-    total = 0
+    # The job is what it asks of whom: every task's id and request, then the teacher (below).
+    total, job = 0, hashlib.sha256(type(generator).__qualname__.encode())
     for where, item in items():
-        generator.messages(item, where)
+        task = generator.make_task(item, where)
+        job.update(task.id.encode() + task.request.model_dump_json().encode())
         total += 1
 
     cache = open_cache(settings.cache_dir, settings.cache_mode)
     cached = CachedTeacher(teacher, cache)
     stats_before = replace(teacher.stats)
-    journal = TaskJournal(output)
+    job.update(json.dumps(cached.cache_identity(), sort_keys=True, default=str).encode())
+    journal = TaskJournal(output, job.hexdigest()[:24])
     counts = JobCounts(total=total)
     started = time.monotonic()
-    recovered = journal.open()
     runner = Runner(cached, journal, counts)
     try:
+        with _disk_errors(journal.path, "cannot open the journal", cache):
+            recovered = journal.open(settings.restart)
 
         async def main() -> None:
             try:
@@ -165,6 +186,11 @@ def run_job(
             asyncio.run(main())
         except asyncio.CancelledError:
             raise KeyboardInterrupt from None  # interrupted twice: aborted
+        except sqlite3.Error as exc:
+            raise JournalError(f"{cache.path}: cannot store the responses: {exc}") from None
+        if runner.write_error is not None:
+            with _disk_errors(journal.path, "cannot write the journal", cache):
+                raise runner.write_error
         if runner.stopping:
             raise KeyboardInterrupt  # the journal holds every finished task; the CLI says how to resume
         if counts.failed and counts.failed == counts.done and not counts.skipped:
@@ -175,7 +201,8 @@ def run_job(
             raise TeacherUnavailable(
                 f"every request to {teacher.spec} failed ({counts.first_error}); nothing was written, rerun to retry"
             )
-        records, rejected = journal.finalize()
+        with _disk_errors(output, "cannot write the output", cache):
+            records, rejected = journal.finalize()
     finally:
         journal.close()
         cache.close()

@@ -24,6 +24,8 @@ class Runner:
         self.counts = counts
         self.max_resamples = max_resamples
         self.stopping = False
+        #: The first error writing the journal (disk full, ...): the run stops, nothing more is journaled.
+        self.write_error: OSError | None = None
         self._queue: asyncio.Queue | None = None
         self._workers = 0
 
@@ -105,12 +107,25 @@ class Runner:
                 update={"params": request.params.model_copy(update={"n": outcome.resample}), "sample_offset": offset}
             )
             (result,) = await self.teacher.generate([request])
-        if self.journal.add(task.id, records, rejects):
+        if self._journal(task.id, records, rejects):
             self.counts.failed += 1
             self.counts.first_error = self.counts.first_error or rejects[0].reason
         self.counts.done += 1
         self.counts.records += len(records)
         self.counts.rejects += len(rejects)
+
+
+    def _journal(self, task: str, records: list, rejects: list[Reject]) -> bool:
+        """Journal a finished task (True: a teacher failure). After a write error, stop starting requests
+        and journal nothing more: the answers in flight are paid for, and the cache keeps them."""
+        if self.write_error is not None:
+            return False
+        try:
+            return self.journal.add(task, records, rejects)
+        except OSError as exc:
+            self.write_error = exc
+            self.stop()
+            return False
 
 
 def _dump(value):

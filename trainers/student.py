@@ -63,8 +63,7 @@ def derive_student(source_dir: str | Path, keep: float | int, out_dir: str | Pat
     out = Path(out_dir).expanduser()
     if out.resolve() == source.resolve():
         raise ConfigError(f"{out}: the student would overwrite its source model")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"{out}: directory exists and is not empty (choose another --out, or --overwrite)")
+    _check_out(out, overwrite)
 
     config = AutoConfig.from_pretrained(str(source), local_files_only=True)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
@@ -110,6 +109,20 @@ def derive_student(source_dir: str | Path, keep: float | int, out_dir: str | Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """`out` must be absent or an empty folder; --overwrite also lets it replace a student this command made."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise ConfigError(f"{out}: directory exists and is not empty (choose another --out, or --overwrite)")
+    if not (out / DERIVED_FROM).is_file():
+        # --overwrite deletes the folder: only one this command wrote, never a user's.
+        raise ConfigError(
+            f"{out}: not a student made by `distill student derive` (no {DERIVED_FROM}); --overwrite replaces only "
+            "those: choose another --out"
+        )
 
 
 def _shrink_config(config, kept: list[int], total: int) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from synth.errors import ConfigError, describe_validation_error
+from synth.io import check_output
 from synth.job import JobSummary, RunSettings
 from synth.teachers import SamplingParams, TeacherConfig, parse_teacher_spec
 
@@ -37,19 +38,43 @@ def teacher_config(args: argparse.Namespace) -> TeacherConfig:
 
 
 def add_cache_flags(parser: argparse.ArgumentParser) -> None:
-    """--cache-dir, --no-cache, --refresh, --quiet."""
+    """--cache-dir, --no-cache, --refresh, --restart, --quiet."""
     g = parser.add_argument_group("response cache")
     g.add_argument("--cache-dir", type=Path, help="where responses are stored (default: $BBD_RESPONSE_CACHE or ~/.cache/blackbox-distill/responses)")
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--no-cache", dest="cache_mode", action="store_const", const="off", help="neither read nor store responses")
     mode.add_argument("--refresh", dest="cache_mode", action="store_const", const="refresh", help="ask the teacher again and overwrite cached responses")
+    g.add_argument("--restart", action="store_true",
+                   help="discard what an interrupted run left (OUT.partial, and the stage journals in OUT.work/) "
+                   "and start over; cached responses are still used, so answers already received cost nothing")
     g.add_argument("--quiet", action="store_true", help="no progress line")
     parser.set_defaults(cache_mode="use")
 
 
 def run_settings(args: argparse.Namespace) -> RunSettings:
-    """Cache and progress settings from the flags."""
-    return RunSettings(cache_dir=args.cache_dir, cache_mode=args.cache_mode, progress=not args.quiet)
+    """Cache, progress and restart settings from the flags.
+
+    Every synth command asks for them before its first request, so this is where its
+    --output is checked against what it must not overwrite (see `check_output`).
+    """
+    if getattr(args, "output", None) is not None:
+        stem = args.output.name.removesuffix(".jsonl")
+        check_output(args.output, _named_files(args), also=[args.output.with_name(f"{stem}.{kind}.jsonl") for kind in ("sft", "pairs")])
+    return RunSettings(cache_dir=args.cache_dir, cache_mode=args.cache_mode, progress=not args.quiet, restart=args.restart)
+
+
+def _named_files(args: argparse.Namespace) -> list[Path]:
+    """The existing files the flags name (--input, --config, --json-schema, ...): what the output must not be."""
+    files = []
+    for key, value in vars(args).items():
+        if key in ("output", "cache_dir") or not isinstance(value, (str, Path)) or not str(value):
+            continue
+        try:
+            if Path(value).is_file():
+                files.append(Path(value))
+        except (OSError, ValueError):  # free text (a system prompt) is no path
+            continue
+    return files
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser, **defaults) -> None:

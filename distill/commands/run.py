@@ -7,7 +7,7 @@ import gc
 import time
 from pathlib import Path
 
-from distill.recipe import clear_outputs, fingerprint, load_recipe, mark, parse_assignments, status
+from distill.recipe import clear_outputs, finished, fingerprint, load_recipe, mark, parse_assignments, read_state, status
 
 
 def register(sub) -> None:
@@ -17,7 +17,8 @@ def register(sub) -> None:
         help="run a recipe: synth → train → eval, resumable",
         description="Runs each stage of a recipe (any distill command with its settings). A stage whose arguments, "
         "inputs and code are unchanged since it finished is skipped; an interrupted one resumes from its cache "
-        "or checkpoint.",
+        "or checkpoint; a changed one starts over, removing only what it made itself: any other file in the way "
+        "of its output stops it before it starts.",
     )
     p.add_argument("recipe", help="the recipe YAML file")
     p.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun this stage and every later one")
@@ -62,11 +63,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"{line}\n    done already (unchanged): skipped")
             continue
         if state == "todo":
-            clear_outputs(stage)
+            made = clear_outputs(recipe, stage)  # before any work: what is in its way and not its own stops it
         else:
+            made = read_state(recipe, stage).made  # an interrupted stage's partial outputs are its own
             print("    resuming an interrupted run")
         print(line, flush=True)
-        mark(recipe, stage, "running")
+        mark(recipe, stage, "running", made)
         started = time.monotonic()
         code = distill_main(stage.argv)
         gc.collect()  # stages load models; let the next one start with the memory back
@@ -76,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         if stage.output is not None and stage.output.suffix == ".jsonl" and stage.output.is_file():
             inputs = [v for k, v in stage.settings.items() if k not in ("output", "teacher") and isinstance(v, str) and Path(v).exists()]
             print(f"    data card: {write_data_card(stage.output, inputs)}")
-        mark(recipe, stage, "done")
+        mark(recipe, stage, "done", finished(made))
         print(f"    done in {time.monotonic() - started:.0f} s")
     if not args.dry_run:
         outputs = [(s.name, s.output) for s in recipe.stages if s.output is not None]

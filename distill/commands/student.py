@@ -21,7 +21,7 @@ def register(sub) -> None:
     derive.add_argument("--keep", required=True, type=keep_value, metavar="K",
                         help="a fraction of the layers (0.5 keeps half; 1.0 all) or a number of layers (an integer, e.g. 8)")
     derive.add_argument("--out", required=True, metavar="DIR", help="where the student goes (must be empty or absent)")
-    derive.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    derive.add_argument("--overwrite", action="store_true", help="replace an earlier student in --out (a folder this command wrote; never other files)")
     derive.set_defaults(func=run_derive)
 
 
