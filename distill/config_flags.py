@@ -11,6 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from synth import safe_yaml
 from synth.errors import ConfigError, describe_validation_error
 
 _SIMPLE = (str, int, float, Path)
@@ -59,7 +60,7 @@ def load_config(args: argparse.Namespace, model: type[BaseModel]):
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            loaded = safe_yaml.load(path.read_text(encoding="utf-8"), path) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from synth import safe_yaml
 from synth.errors import ConfigError
 
 OUTPUT_KEYS = ("output", "output_dir", "out")
@@ -86,7 +87,10 @@ def parse_assignments(items: list[str], flag: str, dotted: bool) -> dict:
             raise ConfigError(f"{flag} {item!r}: expected {shape}")
         if dotted:
             stage, key = name.split(".", 1)
-            out.setdefault(stage, {})[key] = yaml.safe_load(value) if value else ""
+            try:
+                out.setdefault(stage, {})[key] = safe_yaml.load(value, f"{flag} {name}") if value else ""
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{flag} {item!r}: the value is not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
         else:
             out[name] = value
     return out
@@ -225,7 +229,7 @@ def _kind(value: Any) -> str:
 def _yaml(text: str, path: Path) -> Any:
     """Parse YAML; a syntax error names file:line."""
     try:
-        return yaml.safe_load(text)
+        return safe_yaml.load(text, path)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)

@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from synth import safe_yaml
 from synth.errors import ConfigError, describe_validation_error
 from synth.paths import resource_dir
 from synth.records import stable_id
@@ -133,7 +134,7 @@ def load_taxonomy(name: str | Path) -> Taxonomy:
     """Read and validate a taxonomy YAML; every error names the file and the key."""
     path = find_taxonomy(name)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = safe_yaml.load(path.read_text(encoding="utf-8"), path)
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read the taxonomy: {exc}") from None
     except yaml.YAMLError as exc:

@@ -8,6 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from synth import safe_yaml
 from synth.errors import ConfigError, describe_validation_error
 
 EMBEDDED = "embedded"
@@ -68,7 +69,7 @@ def load_teacher_file(path: Path) -> TeacherConfig:
     if not path.is_file():
         raise ConfigError(f"{path}: teacher file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = safe_yaml.load(path.read_text(encoding="utf-8"), path) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if isinstance(data, dict) and isinstance(data.get("teacher"), dict):
