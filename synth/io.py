@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -22,14 +24,24 @@ from synth.errors import ConfigError, DistillError, InputError, describe_validat
 from synth.records import RECORD_TYPES, Reject
 
 
+#: The deepest nesting of arrays and objects a line may have; real data needs a handful of levels.
+MAX_DEPTH = 100
+# A JSON escape of a UTF-16 surrogate: a lone one decodes to a str that is not text (it cannot be encoded).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_INNERMOST_PAIR = re.compile(r"\[[^\[\]{}]*\]|\{[^\[\]{}]*\}")
+
+
 def read_jsonl(path: str | Path, schema: type[BaseModel] | None = None) -> Iterator[tuple[int, Any]]:
     """Yield (line number, object) for each non-blank line; validated into `schema` when given.
 
-    Raises InputError naming `file:line` and the field at the first bad line, and for an empty file.
+    Raises InputError naming `file:line` and the field at the first bad line, for an empty file,
+    and for a path that is not a regular file (a directory, a pipe, or `-` for standard input:
+    inputs are read twice, once to validate them all before the first request, so a stream will not do).
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
+    _check_input_file(path)
     seen = False
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
@@ -42,10 +54,7 @@ def read_jsonl(path: str | Path, schema: type[BaseModel] | None = None) -> Itera
             if not text.strip():
                 continue
             seen = True
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+            obj = parse_json_line(text, f"{path}:{lineno}")
             if schema is not None:
                 if not isinstance(obj, dict):
                     raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
@@ -56,6 +65,80 @@ def read_jsonl(path: str | Path, schema: type[BaseModel] | None = None) -> Itera
             yield lineno, obj
     if not seen:
         raise InputError(f"{path}: file is empty (no JSON lines)")
+
+
+def _check_input_file(path: Path) -> None:
+    if str(path) == "-":
+        raise InputError("--input -: reading standard input is not supported (every line is validated before the first "
+                         "request, then read again); save it to a file first")  # fmt: skip
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror})") from None
+    if stat.S_ISDIR(mode):
+        raise InputError(f"{path}: is a directory, not a JSON Lines file")
+    if not stat.S_ISREG(mode):
+        # Never opened: a pipe would block until a writer came, and could not be read twice.
+        raise InputError(f"{path}: is not a regular file (a pipe, socket or device); save the lines to a file first")
+
+
+def parse_json_line(text: str, where: str) -> Any:
+    """One JSON value of a JSON Lines file; an InputError naming `where` for anything no later step could handle.
+
+    Refused besides invalid JSON: nesting deeper than MAX_DEPTH, integers too long for Python
+    to convert, and strings holding a lone UTF-16 surrogate (a `\\ud800` escape), which no
+    teacher request or tokenizer can encode.
+    """
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except RecursionError:
+        raise InputError(f"{where}: nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as exc:  # Python's guard against converting huge integers
+        raise InputError(f"{where}: a number with more than {sys.get_int_max_str_digits()} digits: {str(exc).split(':')[0]}") from None
+    # The checks below walk the text only when a line could fail them: the cost stays off ordinary lines.
+    if text.count("[") + text.count("{") > MAX_DEPTH and _depth(text) > MAX_DEPTH:
+        raise InputError(f"{where}: nested deeper than {MAX_DEPTH} levels")
+    if _SURROGATE_ESCAPE.search(text):
+        field = _surrogate_field(obj)
+        if field is not None:
+            raise InputError(f"{where}: field '{field}': holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its pair), "
+                             "which is not text; fix the export that wrote it")  # fmt: skip
+    return obj
+
+
+def _depth(text: str) -> int:
+    """How deeply the arrays and objects of valid JSON `text` nest, up to MAX_DEPTH + 1."""
+    skeleton = _JSON_STRING.sub("", text)  # brackets inside strings are text
+    depth = 0
+    while depth <= MAX_DEPTH:
+        skeleton, removed = _INNERMOST_PAIR.subn("", skeleton)
+        if not removed:
+            break
+        depth += 1
+    return depth
+
+
+def _surrogate_field(obj: Any) -> str | None:
+    """The dotted path (as pydantic names fields: `messages.0.content`) of the first string or key holding a lone surrogate."""
+    stack: list[tuple[Any, str]] = [(obj, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return where or "(the line)"
+        elif isinstance(value, dict):
+            for key, item in reversed(value.items()):  # reversed onto the stack: the first field comes off first
+                name = f"{where}.{key}" if where else key
+                if _SURROGATE.search(key):
+                    return name.encode("utf-8", "backslashreplace").decode()
+                stack.append((item, name))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}.{i}" if where else str(i)) for i, item in reversed(list(enumerate(value))))
+    return None
 
 
 def rejects_path(output: str | Path) -> Path:
