@@ -31,6 +31,8 @@ from synth.errors import ConfigError, InputError
 from synth.teachers.embedded import EMBEDDED_TOKENIZER_NAME
 
 KD_COLUMNS = ["kd_start", "kd_ids", "kd_logprobs"]
+#: The skip reason of a row whose text was cut inside a multi-byte character (saved with U+FFFD by older versions or a server).
+CUT_CHARACTER = "cut inside a multi-byte character"
 #: Tokenizers we know by vocabulary hash, so a student is checked against them without their files.
 KNOWN_VOCABS = {EMBEDDED_TOKENIZER_NAME: "1e1f19caccf1afb4"}
 
@@ -198,9 +200,11 @@ def attach_soft_labels(dataset, table: SoftTable, tokenizer, name: str = "train"
     kept = ds.filter(lambda s: s == "ok", input_columns="kd_status", new_fingerprint=uuid.uuid4().hex).remove_columns("kd_status")
     if len(kept) == 0:
         first = next(s for s in statuses if s != "ok")
-        raise InputError(
-            f"no {name} row can use its soft labels ({dict(counts)}); first: {first}. Is the student's tokenizer the teacher's?"
-        )
+        hint = "Is the student's tokenizer the teacher's?"
+        if set(counts) == {CUT_CHARACTER}:
+            hint = ("The teacher's answers were cut at max_tokens inside a multi-byte character and saved with U+FFFD: "
+                    "label them again with --refresh (answers are now cut at a character boundary) or a larger --max-tokens.")  # fmt: skip
+        raise InputError(f"no {name} row can use its soft labels ({dict(counts)}); first: {first}. {hint}")
     return kept, counts
 
 
@@ -221,6 +225,9 @@ def align_row(example: dict, soft: SoftRow | None, piece: Callable[[int], str]) 
     else:
         bad = next((j for j in range(m) if piece(student[j]) != soft.tokens[j]), None)
         teacher = soft.tokens
+    if bad is not None and all("\ufffd" in t for t in soft.tokens[bad:]):
+        # Not a tokenizer mismatch: the text ends in U+FFFD where the teacher's tokens are a character's first bytes.
+        return {**skip, "kd_status": f"{CUT_CHARACTER}: record {example.get('id')} from completion token {bad} (its text ends in U+FFFD)"}
     if bad is not None:
         return {**skip, "kd_status": f"tokens differ: record {example.get('id')} at completion token {bad}: "
                 f"teacher {teacher[bad]!r} ({soft.tokens[bad]!r}), student {student[bad]} ({piece(student[bad])!r})"}  # fmt: skip

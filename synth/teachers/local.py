@@ -283,7 +283,7 @@ class TransformersTeacher(Teacher):
             # Positions after a row's end hold padding: cut there, before text and logprobs.
             gen_ids = gen_ids[: next((t for t, x in enumerate(gen_ids) if x in self._eos), len(gen_ids))]
             reason = "length" if len(gen_ids) >= max_tokens else "stop"
-            text = tok.decode(gen_ids, skip_special_tokens=True)
+            gen_ids, text = _whole_characters(tok, gen_ids)
             cuts = [text.find(s) for s in stop if s in text]
             if cuts:
                 text, reason = text[: min(cuts)], "stop"
@@ -301,6 +301,26 @@ class TransformersTeacher(Teacher):
             text = json_opening(rows[b].params.json_schema) + text
             completions.append(Completion(text=text, finish_reason=reason, completion_tokens=len(gen_ids), logprobs=token_logprobs))
         return completions
+
+
+def _whole_characters(tok: Any, gen_ids: list[int]) -> tuple[list[int], str]:
+    """The tokens and text of an answer, without the bytes of a character it stops inside.
+
+    A byte-level vocabulary spells a character as up to four byte tokens; an answer cut at
+    max_tokens (or ended) between them decodes to U+FFFD, which no tokenizer maps back to
+    those tokens: KD could never align the row, and the text holds a character the teacher
+    never wrote. Its trailing partial bytes are dropped instead (the finish reason still says
+    "length"), with their logprobs, so text, token count and soft labels stay one truth.
+    """
+    text = tok.decode(gen_ids, skip_special_tokens=True)
+    # A UTF-8 character has at most three bytes after its first.
+    for drop in range(1, min(3, len(gen_ids)) + 1):
+        if not text.endswith("\ufffd"):
+            break
+        shorter = tok.decode(gen_ids[:-drop], skip_special_tokens=True)
+        if not shorter.endswith("\ufffd"):
+            return gen_ids[:-drop], shorter
+    return gen_ids, text
 
 
 class _RowSampler:
