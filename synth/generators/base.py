@@ -4,12 +4,38 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel
+from pydantic import AfterValidator, BaseModel
 
 from synth.records import Provenance, Reject, stable_id
 from synth.teachers.base import ChatRequest, ChatResponse, Message, SamplingParams
+
+
+def _has_text(value: str) -> str:
+    if not value.strip():
+        raise ValueError("empty or only whitespace: there is nothing to send")
+    return value
+
+
+#: A string from an input file that goes to the teacher: it must hold some text.
+PromptText = Annotated[str, AfterValidator(_has_text)]
+
+
+class Turn(Message):
+    """A chat turn read from an input file: like Message, but its content must hold text."""
+
+    content: PromptText
+
+
+def check_chat(messages: list[Turn] | None) -> list[Turn] | None:
+    """A chat worth paying for: at least one turn, and a user turn among them (use as a field validator)."""
+    if messages is not None:
+        if not messages:
+            raise ValueError("is empty: a chat needs at least one user turn")
+        if not any(m.role == "user" for m in messages):
+            raise ValueError("has no user turn: there is nothing for the teacher to answer")
+    return messages
 
 
 @dataclass

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from synth.errors import InputError
 from synth.filters.dedup import DedupStats, normalize, tokenize
-from synth.generators.base import Generator, Outcome, Task
+from synth.generators.base import Generator, Outcome, PromptText, Task
 from synth.generators.raw import soft_labels_of
 from synth.io import read_jsonl, rejects_path, write_jsonl_atomic
 from synth.job import JobSummary
@@ -48,7 +48,7 @@ class PoolItem(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     id: str | None = None
-    instruction: str = Field(min_length=1)
+    instruction: PromptText
     input: str = ""
     output: str = ""
 

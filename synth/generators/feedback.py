@@ -13,9 +13,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from synth.generators.base import Generator, Outcome, Task
+from synth.generators.base import Generator, Outcome, PromptText, Task, Turn, check_chat
 from synth.records import Provenance, Reject, SFTExample, Text, stable_id
 from synth.structured import parse_model
 from synth.teachers.base import ChatRequest, ChatResponse, Completion, Message
@@ -27,10 +27,12 @@ class FeedbackInput(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     id: str | None = None
-    prompt: str | None = None
-    messages: list[Message] | None = None
+    prompt: PromptText | None = None
+    messages: list[Turn] | None = None
     system: str | None = None
     responses: list[str] | None = Field(None, description="Candidate responses to judge, when already known.")
+
+    _chat = field_validator("messages")(check_chat)
 
     @model_validator(mode="after")
     def _has_prompt(self) -> "FeedbackInput":

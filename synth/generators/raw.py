@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import jsonschema
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from synth.generators.base import Generator, Outcome, Task
+from synth.generators.base import Generator, Outcome, PromptText, Task, Turn, check_chat
 from synth.records import Reject, SFTExample, SoftLabels, stable_id
 from synth.teachers.base import ChatRequest, ChatResponse, Completion, Message
 
@@ -18,9 +18,11 @@ class PromptInput(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     id: str | None = None
-    messages: list[Message] | None = None
-    prompt: str | None = None
+    messages: list[Turn] | None = None
+    prompt: PromptText | None = None
     system: str | None = None
+
+    _chat = field_validator("messages")(check_chat)
 
     @model_validator(mode="after")
     def _has_prompt(self) -> "PromptInput":
