@@ -93,12 +93,7 @@ def add_sampling_flags(parser: argparse.ArgumentParser, **defaults) -> None:
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
     """SamplingParams from the sampling flags; a bad value is a ConfigError naming the flag."""
-    schema = None
-    if args.json_schema is not None:
-        try:
-            schema = json.loads(Path(args.json_schema).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{args.json_schema}: not a readable JSON Schema file: {exc}") from None
+    schema = None if args.json_schema is None else read_json_schema(Path(args.json_schema))
     try:
         return SamplingParams(
             n=args.n, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
@@ -106,6 +101,27 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
         )
     except ValidationError as exc:
         raise ConfigError(f"sampling flags: {describe_validation_error(exc, 'flag')}") from None
+
+
+def read_json_schema(path: Path) -> dict:
+    """A JSON Schema file, checked against the JSON Schema meta-schema before any request asks for it."""
+    import jsonschema
+
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, bad UTF-8, a huge number
+        why = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise ConfigError(f"{path}: not a readable JSON Schema file: {why}") from None
+    if not isinstance(schema, dict):
+        raise ConfigError(f"{path}: not a valid JSON Schema: expected a JSON object, got {type(schema).__name__}")
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(p) for p in exc.path)
+        raise ConfigError(f"{path}: not a valid JSON Schema: {f'at {where}: ' if where else ''}{exc.message}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not a valid JSON Schema: nested too deeply") from None
+    return schema
 
 
 def print_summary(s: JobSummary) -> None:
