@@ -17,7 +17,7 @@ from typing import Iterator
 from distill.commands.common import add_cache_flags, run_settings, teacher_config
 from distill.config_flags import add_config_flags, load_config
 from synth.errors import ConfigError
-from synth.filters.verify import get_checker
+from synth.filters.verify import get_checker, probe_checker
 from synth.generators.label import (
     LabelConfig,
     LabelInput,
@@ -105,9 +105,15 @@ def run(args: argparse.Namespace) -> int:
 def task_order(generator: SampleGenerator, source: Path, limit: int | None) -> list[str]:
     """The task id of each input, in input order, once each; every line's prompt is rendered as a check."""
     order: dict[str, None] = {}
+    probe = None
     for lineno, item in islice(read_jsonl(source, LabelInput), limit):
         generator.messages(item, f"{source}:{lineno}")
         order.setdefault(generator.task_id(item), None)
+        reference = generator.reference_of(item)
+        if probe is None and reference is not None:
+            probe = (reference, f"{source}:{lineno}'s reference answer")
+    # The checker runs only when the answers are in: try it now, before any teacher is paid.
+    probe_checker(generator.config.checker, *(probe or ("42", "a sample answer (no input has a reference)")))
     return list(order)
 
 

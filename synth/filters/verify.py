@@ -183,7 +183,10 @@ def checker_names() -> list[str]:
 
 
 def get_checker(name: str) -> Checker:
-    """A checker by registered name, or a callable imported from `package.module:function`."""
+    """A checker by registered name, or a callable imported from `package.module:function`.
+
+    An imported checker is wrapped so that an exception it raises is a ConfigError naming it.
+    """
     if name in _CHECKERS:
         return _CHECKERS[name]
     module, sep, attr = name.partition(":")
@@ -191,11 +194,31 @@ def get_checker(name: str) -> Checker:
         raise ConfigError(f"unknown checker {name!r}: use one of {', '.join(checker_names())} or module:function")
     try:
         fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"checker {name!r}: cannot import it ({exc})") from None
+    except Exception as exc:  # importing runs the module's code: anything can go wrong there
+        raise ConfigError(f"checker {name!r}: cannot import it ({type(exc).__name__}: {exc})") from None
     if not callable(fn):
         raise ConfigError(f"checker {name!r} is not callable")
-    return fn
+
+    def checked(predicted: str, reference: str) -> bool:
+        try:
+            return bool(fn(predicted, reference))
+        except Exception as exc:
+            raise ConfigError(f"checker {name!r} failed comparing {predicted!r} with {reference!r}: {type(exc).__name__}: {exc}") from None
+
+    checked.__wrapped__ = fn
+    return checked
+
+
+def probe_checker(name: str, answer: str, where: str) -> None:
+    """Call checker `name` once, on `answer` against itself, so a checker that cannot run is found before any request.
+
+    `where` says where the answer came from (e.g. `data.jsonl:1's reference answer`).
+    """
+    checker = get_checker(name)
+    try:
+        getattr(checker, "__wrapped__", checker)(answer, answer)
+    except Exception as exc:
+        raise ConfigError(f"checker {name!r} fails on {where}: {type(exc).__name__}: {exc}") from None
 
 
 def group_answers(answers: Sequence[str], checker: Checker) -> list[list[int]]:
