@@ -52,6 +52,7 @@ class JobSummary:
     completion_tokens: int
     seconds: float
     teacher_errors: int = 0
+    duplicates: int = 0
 
 
 def stage_output(output: str | Path, stage: str) -> Path:
@@ -221,4 +222,5 @@ def run_job(
         completion_tokens=s.completion_tokens - stats_before.completion_tokens,
         seconds=time.monotonic() - started,
         teacher_errors=counts.failed,
+        duplicates=counts.duplicates,
     )

@@ -19,6 +19,8 @@ class JobCounts:
     total: int | None = None
     done: int = 0
     skipped: int = 0
+    #: Inputs that repeat an earlier line's task: done once, counted here.
+    duplicates: int = 0
     records: int = 0
     rejects: int = 0
     failed: int = 0
@@ -45,7 +47,7 @@ class ProgressLine:
         elapsed = max(time.monotonic() - self.start, 1e-9)
         total = f"/{c.total}" if c.total is not None else ""
         parts = [
-            f"{self.label} {c.done + c.skipped}{total} tasks",
+            f"{self.label} {c.done + c.skipped + c.duplicates}{total} tasks",
             f"{s.requests_sent / elapsed:.1f} req/s",
             f"{s.prompt_tokens + s.completion_tokens:,} tok",
             f"cached {self.teacher.cache_stats.hits}",
@@ -55,6 +57,8 @@ class ProgressLine:
         ]
         if c.skipped:
             parts.append(f"resumed {c.skipped}")
+        if c.duplicates:
+            parts.append(f"duplicates {c.duplicates}")
         cost = self.cost()
         if cost is not None:
             parts.append(f"${cost:.4f}")

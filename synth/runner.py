@@ -42,7 +42,7 @@ class Runner:
 
     async def run(self, tasks: Iterable[Task], parse: ParseFn) -> None:
         """Process every task not already in the journal; returns when all are written."""
-        done = set(self.journal.done)
+        recovered, seen = set(self.journal.done), set()
         workers = max(1, self.teacher.concurrency)
         # A bounded window keeps memory flat however many tasks there are.
         queue: asyncio.Queue = asyncio.Queue(maxsize=workers * self.teacher.batch_size * 2)
@@ -52,10 +52,13 @@ class Runner:
             for task in tasks:
                 if self.stopping:
                     break
-                if task.id in done:
+                if task.id in seen:
+                    self.counts.duplicates += 1  # the same input twice is the same work: do it once
+                    continue
+                seen.add(task.id)
+                if task.id in recovered:
                     self.counts.skipped += 1
                     continue
-                done.add(task.id)  # the same input twice is the same work: do it once
                 await queue.put(task)
             # After stop() these may wait for a worker to take an end mark, never for long.
             for _ in range(workers):

@@ -129,6 +129,9 @@ def print_summary(s: JobSummary) -> None:
     print(f"wrote {s.records} records to {s.output}")
     print(f"rejects: {s.rejected} in {s.rejects}")
     resumed = f", {s.resumed} resumed from an earlier run" if s.resumed else ""
+    if s.duplicates:
+        plural = "s" if s.duplicates > 1 else ""
+        resumed += f", {s.duplicates} duplicate input{plural} (the same task as an earlier line) done once"
     print(
         f"teacher: {s.requests_sent} requests sent, {s.cache_hits} samples from cache, {s.retries} retries, "
         f"{s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion tokens in {s.seconds:.1f} s{resumed}"
