@@ -23,7 +23,7 @@ from distill.commands.feedback import (
     spec_config,
 )
 from distill.config_flags import add_config_flags, load_config
-from synth.filters.verify import get_checker
+from synth.filters.verify import get_checker, probe_checker
 from synth.generators.feedback import (
     CandidateGenerator,
     Prompted,
@@ -87,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the command."""
     config: SelfConfig = load_config(args, SelfConfig)
     checker = get_checker(config.checker) if config.judge_by == "consistency" else None
+    if checker is not None:
+        probe_checker(config.checker, "42", "a sample answer")  # before the student and teacher are paid
     inputs = read_inputs(args.input, args.limit)
     student = spec_config(config.student, args)
     templates = {name: load_template(f"self/{name}", config.lang) for name in ("reward", "critique", "refine")}
