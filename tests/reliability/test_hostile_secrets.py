@@ -151,6 +151,8 @@ def _recipe_spec(c: Ctx) -> list[str]:
 
 @dataclass
 class Case:
+    """One command line to run with planted secrets, and whether its teacher answers."""
+
     build: Callable[[Ctx], list[str]]
     #: False: the teacher cannot be reached, the command fails with one line.
     reachable: bool = True
