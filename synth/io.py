@@ -97,8 +97,8 @@ def parse_json_line(text: str, where: str) -> Any:
         raise InputError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
     except RecursionError:
         raise InputError(f"{where}: nested deeper than {MAX_DEPTH} levels") from None
-    except ValueError as exc:  # Python's guard against converting huge integers
-        raise InputError(f"{where}: a number with more than {sys.get_int_max_str_digits()} digits: {str(exc).split(':')[0]}") from None
+    except ValueError:  # Python's guard against converting huge integers
+        raise InputError(f"{where}: a number with more than {sys.get_int_max_str_digits()} digits (Python will not convert it)") from None
     # The checks below walk the text only when a line could fail them: the cost stays off ordinary lines.
     if text.count("[") + text.count("{") > MAX_DEPTH and _depth(text) > MAX_DEPTH:
         raise InputError(f"{where}: nested deeper than {MAX_DEPTH} levels")
