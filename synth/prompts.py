@@ -85,7 +85,8 @@ class _Sandbox(SandboxedEnvironment):
             raise TemplateLimit(f"'{op}' would make a value of more than {MAX_TEXT:,} characters, items or digits")
         return _checked(self.binop_table[op](left, right))
 
-    def call(__self, __context, __obj, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (Jinja's own signature)
+    # Jinja's own parameter names: a template may pass any keyword, `self` and `context` included.
+    def call(__self, __context, __obj, *args: Any, **kwargs: Any) -> Any:
         """Call as the sandbox does, and check the size of what came back (`"x".center(10**8)`)."""
         return _checked(super().call(__context, __obj, *args, **kwargs))
 
@@ -101,12 +102,12 @@ def _checking(fn: Callable) -> Callable:
 class _Guard(NodeTransformer):
     """Rewrites a parsed template: every loop's iterable counted, every `~` checked."""
 
-    def visit_For(self, node: nodes.For) -> nodes.Node:  # noqa: N802 (Jinja's visitor naming)
+    def visit_For(self, node: nodes.For) -> nodes.Node:
         self.generic_visit(node)
         node.iter = nodes.Call(nodes.Name(_ITER, "load", lineno=node.lineno), [node.iter], [], None, None, lineno=node.lineno)
         return node
 
-    def visit_Concat(self, node: nodes.Concat) -> nodes.Node:  # noqa: N802
+    def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
         self.generic_visit(node)
         return nodes.Call(nodes.Name(_CONCAT, "load", lineno=node.lineno), node.nodes, [], None, None, lineno=node.lineno)
 
