@@ -154,3 +154,20 @@ def test_a_recipe_rerun_with_new_inputs_loads_the_new_rows(tmp_path, fault_serve
     recipe("quickstart", ["a changed question", "and one more"])
     assert loaded(quick) == written(quick) and len(loaded(quick)) == 2 and "changed question" in loaded(quick)[0]
 
+
+
+def test_a_recipe_stage_whose_folder_holds_a_users_readme_stops_before_any_work(tmp_path, fault_server):
+    from tests.reliability.harness import run_cli
+
+    folder = tmp_path / "run" / "labeled"
+    folder.mkdir(parents=True)
+    (folder / "README.md").write_text("# notes I keep here\n")
+    inputs = tmp_path / "prompts.jsonl"
+    inputs.write_text('{"prompt": "a question"}\n')
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"name: r\nwork_dir: {tmp_path}/run\nteacher: openai:echo@{fault_server.base_url}\nstages:\n"
+                      f"  - name: label\n    command: generate\n    input: {inputs}\n    output: {folder}/data.jsonl\n    quiet: true\n")
+    result = run_cli("run", str(recipe), cache=tmp_path / "responses")
+    assert result.returncode == 1 and "README.md that blackbox-distill did not write" in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and fault_server.received == 0
+    assert (folder / "README.md").read_text() == "# notes I keep here\n" and sorted(p.name for p in folder.iterdir()) == ["README.md"]

@@ -32,7 +32,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run (or plan) the recipe; stops at the first stage that fails."""
     from distill.cli import main as distill_main
-    from synth.datacard import write_data_card
+    from synth.datacard import check_card_target, write_data_card
     from synth.errors import ConfigError
     from synth.redact import redact_all
 
@@ -62,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         if state == "done":
             print(f"{line}\n    done already (unchanged): skipped")
             continue
+        if stage.output is not None and stage.output.suffix == ".jsonl":
+            check_card_target(stage.output)  # a user's README.md where the card goes stops the stage before any work
         if state == "todo":
             made = clear_outputs(recipe, stage)  # before any work: what is in its way and not its own stops it
         else:
