@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from synth.errors import ConfigError, InputError
+from synth.teachers.config import check_device_available
 from trainers.config import TrainConfig, TrainResult
 
 
-def resolve_model(spec: str) -> Path:
-    """A model spec as a local directory: 'embedded' is the converted SmolLM2; anything else a path."""
+def resolve_model(spec: str, trust_remote_code: bool = False) -> Path:
+    """A model spec as a local directory: 'embedded' is the converted SmolLM2; anything else a path.
+
+    The directory's config.json is checked here, so a broken one is one line naming it before any work.
+    """
     if spec == "embedded":
         from synth.teachers.embedded import embedded_model_dir
 
@@ -19,13 +24,67 @@ def resolve_model(spec: str) -> Path:
     path = Path(spec).expanduser()
     if not (path / "config.json").is_file():
         raise ConfigError(f"model {spec!r}: no Hugging Face model directory there (config.json missing); models are never downloaded")
+    check_model_config(path, trust_remote_code)
     return path
+
+
+def check_model_config(path: Path, trust_remote_code: bool = False) -> dict[str, Any]:
+    """The model directory's config.json, if transformers can load a model from it with these settings."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    file = path / "config.json"
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{file}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # invalid JSON or not UTF-8
+        raise ConfigError(f"{file}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: expected a JSON object of model settings")
+    model_type = data.get("model_type")
+    if not isinstance(model_type, (str, type(None))):
+        raise ConfigError(f"{file}: model_type must be a string, not {type(model_type).__name__}")
+    if model_type in CONFIG_MAPPING_NAMES:
+        return data  # transformers has the code (a checkpoint's own auto_map is then not needed)
+    if "auto_map" in data:
+        if not trust_remote_code:
+            raise ConfigError(f"{path}: this checkpoint runs its own model code (auto_map in config.json, model type {model_type!r}); "
+                              "set trust_remote_code (--trust-remote-code) only if you trust that code")
+        return data
+    if model_type is not None:
+        import transformers
+
+        raise ConfigError(f"{file}: unknown model_type {model_type!r}: transformers {transformers.__version__} cannot build this model")
+    return data
+
+
+def check_output_dir(path: Path, flag: str) -> None:
+    """A ConfigError when `path`, or the nearest existing folder above it, is not a directory: found before any work."""
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                where = "" if existing == path else f" ({existing} is a file)"
+                raise ConfigError(f"{flag} {path}: not a directory{where}; choose a directory to write into")
+            return
+
+
+@contextmanager
+def loading(path: Path):
+    """Turn whatever transformers raises for a directory it cannot load into one line naming the directory."""
+    try:
+        yield
+    except (ConfigError, MemoryError):
+        raise
+    except Exception as exc:  # a library's error about the files: missing weights, bad tokenizer, corrupt shards
+        reason = " ".join(str(exc).split())[:400] or type(exc).__name__
+        raise ConfigError(f"{path}: cannot load this model: {reason}") from exc
 
 
 def pick_device(config: TrainConfig) -> tuple[str, Any, bool]:
     """(device, torch dtype, bf16 flag for TRL): chosen at run time so one config runs on CPU and GPU."""
     import torch
 
+    check_device_available(config.device, "--device")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
     if device == "cpu":
         # Gradients of very unlikely tokens (DPO's rejected answers, KD's tails) underflow to denormal
@@ -42,6 +101,7 @@ def pick_device(config: TrainConfig) -> tuple[str, Any, bool]:
 
 def trl_args(config: TrainConfig) -> dict[str, Any]:
     """Keyword arguments every TRL config (a TrainingArguments) takes, from our shared settings."""
+    preflight(config)
     device, _, bf16 = pick_device(config)
     return dict(
         output_dir=str(config.output_dir),
@@ -69,11 +129,33 @@ def trl_args(config: TrainConfig) -> dict[str, Any]:
     )
 
 
+def preflight(config: TrainConfig) -> None:
+    """What can be checked before loading anything: the device exists, the output can go where asked, trackers are installed."""
+    pick_device(config)
+    check_output_dir(config.output_dir, "--output-dir")
+    check_report_to(config.report_to)
+
+
+def check_report_to(names: list[str]) -> None:
+    """A ConfigError for a tracker transformers does not know or that is not installed (found before training, not after)."""
+    if not names or names in (["none"], ["all"]):
+        return
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    installed = set(get_available_reporting_integrations())
+    for name in names:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise ConfigError(f"--report-to {name}: unknown tracker (known: {', '.join(sorted(INTEGRATION_TO_CALLBACK))})")
+        if name not in installed:
+            raise ConfigError(f"--report-to {name}: {name} is not installed here (pip install {name.replace('_', '-')}), or leave --report-to out")
+
+
 def load_tokenizer(path: Path, config: TrainConfig):
     """The student's tokenizer, with a pad token (the EOS one when it has none)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=config.trust_remote_code)
+    with loading(path):
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=config.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -85,7 +167,8 @@ def load_model(path: Path, config: TrainConfig, model_class=None):
 
     _, dtype, _ = pick_device(config)
     cls = model_class or AutoModelForCausalLM
-    return cls.from_pretrained(str(path), dtype=dtype, local_files_only=True, trust_remote_code=config.trust_remote_code)
+    with loading(path):
+        return cls.from_pretrained(str(path), dtype=dtype, local_files_only=True, trust_remote_code=config.trust_remote_code)
 
 
 def peft_config(config: TrainConfig, task_type: str = "CAUSAL_LM"):

@@ -6,20 +6,34 @@ Every field maps one-to-one onto a recipe YAML key and a `distill train` flag.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from synth.teachers.config import check_device_name
+
+
+def _steps(value: int) -> int:
+    # 0 would train for no step (or, in TRL, silently fall back to epochs): neither is what anyone asked for.
+    if value == 0 or value < -1:
+        raise ValueError("must be at least 1, or -1 to train for `epochs`")
+    return value
+
+
+#: Checked in the type (not a model validator) so a `--max-steps` flag is refused as it is parsed.
+Steps = Annotated[int, AfterValidator(_steps)]
+DeviceName = Annotated[str, AfterValidator(check_device_name)]
 
 
 class TrainConfig(BaseModel):
     """The student, the data, the optimiser and where the result goes."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str = Field("embedded", description="Student: a local Hugging Face model directory, or 'embedded' (SmolLM2-135M-Instruct).")
     data: Path = Field(Path("out/demo/gsm8k_cot.jsonl"), description="Records written by a distill synth command (JSON Lines).")
     output_dir: Path = Field(Path("out/student"), description="Where the trained model, metrics and plots go.")
-    max_steps: int = Field(20, description="Optimiser steps (-1: train for `epochs`).")
+    max_steps: Steps = Field(20, description="Optimiser steps (-1: train for `epochs`).")
     epochs: float = Field(1.0, gt=0, description="Passes over the data when max_steps is -1.")
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")
     batch_size: int = Field(4, ge=1, description="Examples per device per step.")
@@ -31,7 +45,7 @@ class TrainConfig(BaseModel):
     logging_steps: int = Field(1, ge=1, description="Log metrics every N steps.")
     save_steps: int = Field(50, ge=1, description="Save a resumable checkpoint every N steps.")
     resume: bool = Field(True, description="Resume from the last checkpoint in output_dir if there is one.")
-    device: str = Field("auto", description="cpu, cuda or auto.")
+    device: DeviceName = Field("auto", description="cpu, cuda, cuda:N or auto.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on GPUs that support it, else fp32.")
     trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint.")
     lora: bool = Field(False, description="Train LoRA adapters instead of all weights.")

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from synth.errors import ConfigError, InputError
 from synth.redact import redact
 from synth.teachers.base import TeacherError
+from trainers.config import DeviceName
 
 
 class EvalConfig(BaseModel):
@@ -48,7 +49,7 @@ class EvalConfig(BaseModel):
     output_dir: Path = Field(Path("out/eval"), description="Where eval.json, report.md and the plots go.")
     cache_dir: Path | None = Field(None, description="Response cache directory (default: $BBD_RESPONSE_CACHE or ~/.cache/blackbox-distill/responses).")
     cache_mode: Literal["use", "refresh", "off"] = Field("use", description="use: read and store; refresh: ask again and overwrite; off: neither.")
-    device: str = Field("auto", description="cpu, cuda or auto (for students and the teacher's NLL floor).")
+    device: DeviceName = Field("auto", description="cpu, cuda, cuda:N or auto (for students and the teacher's NLL floor).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on GPUs that support it, else fp32.")
     trust_remote_code: bool = Field(False, description="Run model code shipped with a checkpoint.")
 
@@ -180,7 +181,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     from synth.filters.verify import get_checker
     from synth.teachers import ChatRequest, Message, SamplingParams
     from trainers import eval_metrics as em
-    from trainers.common import pick_device, resolve_model
+    from trainers.common import check_output_dir, pick_device, resolve_model
     from trainers.report import write_report
 
     if not config.students:
@@ -188,7 +189,9 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     checker = get_checker(config.checker)
     # The "before" student is evaluated like the others (once, even when it is also listed as a student).
     specs = list(dict.fromkeys(([config.before] if config.before else []) + list(config.students)))
-    paths = [resolve_model(s) for s in specs]  # fail on a bad path before any teacher call
+    paths = [resolve_model(s, config.trust_remote_code) for s in specs]  # fail on a bad path before any teacher call
+    device, dtype, _ = pick_device(config)  # and on a missing GPU
+    check_output_dir(config.output_dir, "--output-dir")  # and where the results cannot go
     names = model_names(specs)
     items = load_items(config)
     notes: list[str] = []
@@ -216,8 +219,6 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     prompts = [items[i].messages for i in answered]
     targets = [(teacher_text[i], teacher_ended[i]) for i in answered]
     lap("teacher")
-
-    device, dtype, _ = pick_device(config)
 
     def nll_under(path: Path):
         model, tokenizer = em.load_local(path, device, dtype, config.trust_remote_code)

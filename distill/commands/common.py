@@ -6,12 +6,28 @@ import argparse
 import json
 from pathlib import Path
 
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
+from distill.config_flags import checked_type, describe_errors, model_flag_type
 from synth.errors import ConfigError, describe_validation_error
 from synth.io import check_output
 from synth.job import JobSummary, RunSettings
 from synth.teachers import SamplingParams, TeacherConfig, parse_teacher_spec
+
+#: The teacher settings a flag can override, as TeacherConfig names them.
+TEACHER_OVERRIDES = ("concurrency", "batch_size", "timeout", "max_retries", "api_key_env")
+
+#: `--limit N`: a count of inputs, so at least 1 (leave the flag out for all of them).
+limit_type = checked_type(int, Field(ge=1))
+
+
+def add_teacher_override_flags(g) -> None:
+    """--concurrency, --batch-size, --timeout, --max-retries, --api-key-env: checked as a teacher file's keys are."""
+    g.add_argument("--concurrency", type=model_flag_type(TeacherConfig, "concurrency"), help="requests in flight at once")
+    g.add_argument("--batch-size", type=model_flag_type(TeacherConfig, "batch_size"), help="prompts per batch (local backends)")
+    g.add_argument("--timeout", type=model_flag_type(TeacherConfig, "timeout"), help="seconds per request (openai)")
+    g.add_argument("--max-retries", type=model_flag_type(TeacherConfig, "max_retries"), help="retries of transient failures (openai)")
+    g.add_argument("--api-key-env", help="environment variable holding the API key (openai)")
 
 
 def add_teacher_flags(parser: argparse.ArgumentParser) -> None:
@@ -19,22 +35,19 @@ def add_teacher_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("teacher")
     g.add_argument("--teacher", default="embedded", metavar="SPEC",
                    help="embedded (default: the bundled SmolLM2-135M-Instruct), hf:PATH, vllm:MODEL, openai:MODEL@BASE_URL, or a teacher .yaml file")
-    g.add_argument("--concurrency", type=int, help="requests in flight at once")
-    g.add_argument("--batch-size", type=int, help="prompts per batch (local backends)")
-    g.add_argument("--timeout", type=float, help="seconds per request (openai)")
-    g.add_argument("--max-retries", type=int, help="retries of transient failures (openai)")
-    g.add_argument("--api-key-env", help="environment variable holding the API key (openai)")
+    add_teacher_override_flags(g)
 
 
 def teacher_config(args: argparse.Namespace) -> TeacherConfig:
-    """The teacher config from --teacher, with any overrides applied."""
+    """The teacher config from --teacher, with any overrides applied and validated like the file's own keys."""
     config = parse_teacher_spec(args.teacher)
-    overrides = {
-        key: getattr(args, key)
-        for key in ("concurrency", "batch_size", "timeout", "max_retries", "api_key_env")
-        if getattr(args, key, None) is not None
-    }
-    return config.model_copy(update=overrides) if overrides else config
+    overrides = {key: getattr(args, key) for key in TEACHER_OVERRIDES if getattr(args, key, None) is not None}
+    if not overrides:
+        return config
+    try:
+        return TeacherConfig.model_validate({**config.model_dump(), **overrides})
+    except ValidationError as exc:
+        raise ConfigError(describe_errors(exc, set(overrides), f"teacher {args.teacher}")) from None
 
 
 def add_cache_flags(parser: argparse.ArgumentParser) -> None:
@@ -81,13 +94,16 @@ def add_sampling_flags(parser: argparse.ArgumentParser, **defaults) -> None:
     """-n, --temperature, --top-p, --max-tokens, --seed, --stop, --logprobs, --json-schema."""
     base = SamplingParams(**defaults)
     g = parser.add_argument_group("sampling")
-    g.add_argument("-n", type=int, default=base.n, help=f"samples per input (default {base.n})")
-    g.add_argument("--temperature", type=float, default=base.temperature, help=f"0 is greedy (default {base.temperature})")
-    g.add_argument("--top-p", type=float, default=base.top_p, help=f"nucleus sampling (default {base.top_p})")
-    g.add_argument("--max-tokens", type=int, default=base.max_tokens, help=f"longest answer (default {base.max_tokens})")
+    def checked(name: str):
+        return model_flag_type(SamplingParams, name)
+
+    g.add_argument("-n", type=checked("n"), default=base.n, help=f"samples per input (default {base.n})")
+    g.add_argument("--temperature", type=checked("temperature"), default=base.temperature, help=f"0 is greedy (default {base.temperature})")
+    g.add_argument("--top-p", type=checked("top_p"), default=base.top_p, help=f"nucleus sampling (default {base.top_p})")
+    g.add_argument("--max-tokens", type=checked("max_tokens"), default=base.max_tokens, help=f"longest answer (default {base.max_tokens})")
     g.add_argument("--seed", type=int, default=base.seed, help="base seed; sample i uses seed+i")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
-    g.add_argument("--logprobs", type=int, metavar="K", help="store the teacher's top-K logprobs per token (soft labels)")
+    g.add_argument("--logprobs", type=checked("logprobs"), metavar="K", help="store the teacher's top-K logprobs per token (soft labels)")
     g.add_argument("--json-schema", type=Path, metavar="FILE", help="ask for JSON matching this JSON Schema file; invalid answers are resampled once, then rejected")
 
 

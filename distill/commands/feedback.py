@@ -19,7 +19,7 @@ from typing import Annotated, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from distill.commands.common import add_cache_flags, add_teacher_flags, run_settings
+from distill.commands.common import add_cache_flags, add_teacher_flags, limit_type, run_settings
 from distill.config_flags import add_config_flags, load_config
 from synth.errors import ConfigError, InputError, describe_validation_error
 from synth.generators.feedback import (
@@ -117,7 +117,7 @@ def add_io_flags(p: argparse.ArgumentParser) -> None:
     """--input, --output, --limit."""
     p.add_argument("--input", required=True, type=Path, help="JSON Lines of prompts")
     p.add_argument("--output", required=True, type=Path, help="JSON Lines of records; rejects and stage files go beside it")
-    p.add_argument("--limit", type=int, help="only the first N inputs")
+    p.add_argument("--limit", type=limit_type, help="only the first N inputs")
 
 
 class TeacherPool:

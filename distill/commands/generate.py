@@ -9,6 +9,7 @@ from distill.commands.common import (
     add_cache_flags,
     add_sampling_flags,
     add_teacher_flags,
+    limit_type,
     print_summary,
     run_settings,
     sampling_params,
@@ -33,7 +34,7 @@ def register(sub) -> None:
     p.add_argument("--template", help="fill this template (e.g. label/cot, or a .jinja file) with each input's fields")
     p.add_argument("--lang", default="en", choices=["en", "zh"], help="template language")
     p.add_argument("--system", help="system message added to every chat")
-    p.add_argument("--limit", type=int, help="only the first N inputs")
+    p.add_argument("--limit", type=limit_type, help="only the first N inputs")
     add_teacher_flags(p)
     add_sampling_flags(p)
     add_cache_flags(p)

@@ -14,8 +14,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
-from distill.commands.common import add_cache_flags, run_settings, teacher_config
-from distill.config_flags import add_config_flags, load_config
+from distill.commands.common import add_cache_flags, add_teacher_override_flags, limit_type, run_settings, teacher_config
+from distill.config_flags import add_config_flags, load_config, model_flag_type
 from synth.errors import ConfigError
 from synth.filters.verify import get_checker, probe_checker
 from synth.generators.label import (
@@ -46,21 +46,17 @@ def register(sub) -> None:
     )
     p.add_argument("--input", required=True, type=Path, help="JSON Lines with a question field")
     p.add_argument("--output", required=True, type=Path, help="JSON Lines of SFT examples; rejects go beside it")
-    p.add_argument("--limit", type=int, help="only the first N inputs")
+    p.add_argument("--limit", type=limit_type, help="only the first N inputs")
     add_config_flags(p, LabelConfig, title="labeling")
     # Shorthands and what the generic flags cannot express (a list of models, or a path).
-    p.add_argument("-n", dest="n", type=int, default=argparse.SUPPRESS, help="samples per input and teacher (same as --n)")
+    p.add_argument("-n", dest="n", type=model_flag_type(LabelConfig, "n"), default=argparse.SUPPRESS, help="samples per input and teacher (same as --n)")
     p.add_argument("--demonstrations", type=Path, default=argparse.SUPPRESS, metavar="FILE.jsonl",
                    help="worked examples ({question, answer} lines; GSM8K lines work) shown in the prompt")
     g = p.add_argument_group("teachers")
     g.add_argument("--teacher", action="append", metavar="SPEC",
                    help="embedded (default), hf:PATH, vllm:MODEL, openai:MODEL@BASE_URL or a teacher .yaml; "
                    "repeat to sample from several teachers and vote across them")
-    g.add_argument("--concurrency", type=int, help="requests in flight at once (each teacher)")
-    g.add_argument("--batch-size", type=int, help="prompts per batch (local backends)")
-    g.add_argument("--timeout", type=float, help="seconds per request (openai)")
-    g.add_argument("--max-retries", type=int, help="retries of transient failures (openai)")
-    g.add_argument("--api-key-env", help="environment variable holding the API key (openai)")
+    add_teacher_override_flags(g)
     add_cache_flags(p)
     p.set_defaults(func=run)
 
@@ -79,8 +75,6 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args, LabelConfig)
     if args.output.resolve() == args.input.resolve():
         raise ConfigError(f"{args.output}: the output would overwrite the input")
-    if args.limit is not None and args.limit < 1:
-        raise ConfigError("--limit must be at least 1")
     teachers = teacher_configs(args)
     settings = run_settings(args)
     # Template, checker, demonstrations and every input line are checked before any teacher starts.

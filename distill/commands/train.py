@@ -22,7 +22,10 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train and say where the model, metrics and plot went."""
+    from trainers.common import preflight
+
     config = load_config(args, args.module.CONFIG)
+    preflight(config)
     result = args.module.train(config)
     print(f"model: {result.output_dir}")
     print(f"metrics: {result.output_dir / 'metrics.json'}  curves: {result.output_dir / 'training_curves.png'}")

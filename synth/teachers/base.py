@@ -26,7 +26,8 @@ class Message(BaseModel):
 class SamplingParams(BaseModel):
     """How to sample; every field except `n` is part of the cache key."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # An infinite temperature is not a way to sample: it would reach the server and come back as a bad answer.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     temperature: float = Field(0.7, ge=0.0, description="0 means greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from synth import safe_yaml
 from synth.errors import ConfigError, describe_validation_error
+from synth.redact import redact
 
 EMBEDDED = "embedded"
+#: What a `device` setting may say; whether the machine has that device is checked when a model is loaded.
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 class TeacherConfig(BaseModel):
     """Everything needed to build a teacher. A YAML teacher file maps onto it one-to-one."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     backend: Literal["openai", "transformers", "vllm"] = Field(
         "transformers", description="openai: any OpenAI-compatible HTTP API; transformers: a local model; vllm: in-process engine."
@@ -41,6 +46,52 @@ class TeacherConfig(BaseModel):
     price_per_mtok_in: float | None = Field(None, ge=0, description="Cost estimate: price per million prompt tokens.")
     price_per_mtok_out: float | None = Field(None, ge=0, description="Cost estimate: price per million completion tokens.")
 
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, value: str | None) -> str | None:
+        """An http(s) URL with a host and a valid port, so a typo stops here rather than at the first request."""
+        if value is None:
+            return None
+        shown = redact(value)
+        try:
+            parts = urlsplit(value.strip())
+            parts.port  # raises ValueError for a port out of range or not a number
+        except ValueError as exc:
+            raise ValueError(f"{shown!r} is not a valid URL: {exc}") from None
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{shown!r}: expected an http:// or https:// URL with a host, e.g. http://127.0.0.1:8000/v1")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        """auto, cpu, mps, cuda or cuda:N."""
+        return check_device_name(value)
+
+
+def check_device_name(value: str) -> str:
+    """`value` if it names a device (auto, cpu, mps, cuda, cuda:N); a ValueError otherwise."""
+    if not DEVICE_PATTERN.fullmatch(value):
+        raise ValueError(f"{value!r} is not a device: use auto, cpu, cuda, cuda:N or mps")
+    return value
+
+
+def check_device_available(device: str, setting: str = "device") -> None:
+    """A ConfigError when `device` asks for a GPU this machine does not have (rather than running on the CPU)."""
+    if not device.startswith(("cuda", "mps")):
+        return
+    import torch
+
+    if device.startswith("mps"):
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"{setting} {device}: no Apple GPU (MPS) is available here; use auto or cpu")
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{setting} {device}: no CUDA GPU is available here (or this torch build lacks CUDA); use auto or cpu")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"{setting} {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+
 
 def parse_teacher_spec(spec: str | None) -> TeacherConfig:
     """Turn `embedded`, `hf:PATH`, `vllm:MODEL`, `openai:MODEL@BASE_URL` or a YAML path into a config."""
@@ -58,7 +109,11 @@ def parse_teacher_spec(spec: str | None) -> TeacherConfig:
             model, at, base_url = rest.partition("@")
             if not model:
                 raise ConfigError(f"teacher spec {spec!r}: openai needs a model name, as openai:MODEL@BASE_URL")
-            return TeacherConfig(backend="openai", model=model, base_url=base_url or None)
+            try:
+                return TeacherConfig(backend="openai", model=model, base_url=base_url or None)
+            except ValidationError as exc:
+                reasons = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+                raise ConfigError(f"teacher spec {redact(spec)!r}: {reasons}") from None
     raise ConfigError(
         f"unknown teacher spec {spec!r}: use embedded, hf:PATH, vllm:MODEL, openai:MODEL@BASE_URL or a .yaml file"
     )

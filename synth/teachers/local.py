@@ -29,7 +29,7 @@ from synth.teachers.base import (
     TransientTeacherError,
     Usage,
 )
-from synth.teachers.config import EMBEDDED, TeacherConfig
+from synth.teachers.config import EMBEDDED, TeacherConfig, check_device_available
 from synth.teachers.embedded import (
     CONVERSION_VERSION,
     EMBEDDED_MODEL_NAME,
@@ -376,6 +376,7 @@ def _resolve_device_dtype(device: str, dtype: str) -> tuple[Any, Any]:
     """
     import torch
 
+    check_device_available(device, "teacher device")
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     if dtype != "auto":
         return dev, getattr(torch, dtype)
