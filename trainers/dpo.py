@@ -58,7 +58,7 @@ def build_trainer(config: DPOSettings):
     """The TRL DPOTrainer for a config, with its tokenizer."""
     from trl import DPOConfig, DPOTrainer
 
-    path = resolve_model(config.model)
+    path = resolve_model(config.model, config.trust_remote_code)
     tokenizer = load_tokenizer(path, config)
     train, evaluation = split(load_records(config.data, PAIR_COLUMNS), config)
     args = DPOConfig(
@@ -83,7 +83,7 @@ def build_trainer(config: DPOSettings):
 def reference_model(config: DPOSettings, student_path, tokenizer):
     """π_ref: the named model, else a frozen copy of the student; None where TRL needs none (LoRA, precomputed)."""
     if config.ref_model is not None:
-        path = resolve_model(config.ref_model)
+        path = resolve_model(config.ref_model, config.trust_remote_code)
         if load_tokenizer(path, config).get_vocab() != tokenizer.get_vocab():
             raise ConfigError(f"ref_model {config.ref_model!r}: its tokenizer differs from the student's; DPO compares their log-probs token by token")
         return load_model(path, config)

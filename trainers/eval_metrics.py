@@ -24,15 +24,19 @@ def load_local(path: Path, device: str, dtype: Any, trust_remote_code: bool = Fa
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from trainers.common import loading
+
     hf_logging.disable_progress_bar()
     kwargs = {"local_files_only": True, "trust_remote_code": trust_remote_code}
-    tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
+    with loading(path):
+        tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"{path}: the tokenizer has no chat template, so prompts cannot be formatted for it")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs).to(device).eval()
-    return model, tokenizer
+    with loading(path):
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)
+    return model.to(device).eval(), tokenizer
 
 
 def prompt_ids(tokenizer, messages: Messages) -> list[int]:

@@ -57,7 +57,7 @@ def build_trainer(config: GKDSettings):
     )
     from trainers.kd_data import vocab_fingerprint
 
-    path, teacher_path = resolve_model(config.model), resolve_model(config.teacher_model)
+    path, teacher_path = (resolve_model(spec, config.trust_remote_code) for spec in (config.model, config.teacher_model))
     tokenizer, teacher_tokenizer = load_tokenizer(path, config), load_tokenizer(teacher_path, config)
     if vocab_fingerprint(tokenizer) != vocab_fingerprint(teacher_tokenizer):
         raise ConfigError(

@@ -164,7 +164,7 @@ def build_trainer(config: KDSettings):
     from trainers.common import load_tokenizer, resolve_model
     from trainers.kd_data import check_tokenizer, read_soft_labels
 
-    tokenizer = load_tokenizer(resolve_model(config.model), config)
+    tokenizer = load_tokenizer(resolve_model(config.model, config.trust_remote_code), config)
     soft = read_soft_labels(config.data, tokenizer, config.max_length)
     note = check_tokenizer(tokenizer, soft.tokenizers, config.teacher_tokenizer)
     log.info("KD tokenizer check: %s", note)

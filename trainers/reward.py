@@ -39,7 +39,7 @@ def build_trainer(config: RewardSettings):
     from transformers import set_seed
     from trl import RewardConfig, RewardTrainer
 
-    path = resolve_model(config.model)
+    path = resolve_model(config.model, config.trust_remote_code)
     tokenizer = load_tokenizer(path, config)
     train, evaluation = split(load_records(config.data, PAIR_COLUMNS), config)
     args = RewardConfig(**trl_args(config), max_length=config.max_length, center_rewards_coefficient=config.center_rewards_coefficient)

@@ -180,4 +180,4 @@ def numbers(row: dict[str, Any]) -> dict[str, float]:
 
 def policy_dir(config: RLSettings) -> Path:
     """The starting policy (the SFT student)."""
-    return resolve_model(config.model)
+    return resolve_model(config.model, config.trust_remote_code)

@@ -28,7 +28,7 @@ def build_trainer(config: SFTSettings, trainer_class=None, extra_args: dict | No
     """The TRL SFTTrainer (or a subclass) for a config, with its tokenizer; KD reuses this."""
     from trl import SFTConfig, SFTTrainer
 
-    path = resolve_model(config.model)
+    path = resolve_model(config.model, config.trust_remote_code)
     tokenizer = load_tokenizer(path, config)
     dataset = load_records(config.data, set())
     columns = set(dataset.column_names)

@@ -55,7 +55,7 @@ def derive_student(source_dir: str | Path, keep: float | int, out_dir: str | Pat
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from trainers.common import resolve_model
+    from trainers.common import check_output_dir, loading, resolve_model
 
     hf_logging.disable_progress_bar()
 
@@ -63,9 +63,11 @@ def derive_student(source_dir: str | Path, keep: float | int, out_dir: str | Pat
     out = Path(out_dir).expanduser()
     if out.resolve() == source.resolve():
         raise ConfigError(f"{out}: the student would overwrite its source model")
+    check_output_dir(out, "--out")
     _check_out(out, overwrite)
 
-    config = AutoConfig.from_pretrained(str(source), local_files_only=True)
+    with loading(source):
+        config = AutoConfig.from_pretrained(str(source), local_files_only=True)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(
             f"{source}: model type {config.model_type!r} is not supported for layer dropping; "
@@ -75,7 +77,8 @@ def derive_student(source_dir: str | Path, keep: float | int, out_dir: str | Pat
     kept = layers_to_keep(total, keep)
 
     # dtype="auto": the student keeps the source's dtype, so its weights are bit-for-bit copies.
-    model = AutoModelForCausalLM.from_pretrained(str(source), dtype="auto", local_files_only=True)
+    with loading(source):
+        model = AutoModelForCausalLM.from_pretrained(str(source), dtype="auto", local_files_only=True)
     decoder = model.get_decoder()
     layers = decoder.layers
     decoder.layers = torch.nn.ModuleList([layers[i] for i in kept])
@@ -90,7 +93,8 @@ def derive_student(source_dir: str | Path, keep: float | int, out_dir: str | Pat
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         model.save_pretrained(str(tmp))  # writes generation_config.json too
-        tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+        with loading(source):
+            tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
         tokenizer.save_pretrained(str(tmp))
         record = {
             "source": str(source_dir) if str(source_dir) == "embedded" else str(source.resolve()),

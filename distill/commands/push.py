@@ -89,10 +89,23 @@ def run(args: argparse.Namespace) -> int:
     from huggingface_hub import HfApi  # imported here: `distill --help` stays fast
 
     api = HfApi(token=token)
-    url = api.create_repo(repo, repo_type=repo_type, private=args.private, exist_ok=True)
-    commit = api.upload_folder(
-        repo_id=repo, repo_type=repo_type, folder_path=args.path, ignore_patterns=IGNORE,
-        commit_message=args.message or "Upload with blackbox-distill",
-    )
+    try:
+        url = api.create_repo(repo, repo_type=repo_type, private=args.private, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo, repo_type=repo_type, folder_path=args.path, ignore_patterns=IGNORE,
+            commit_message=args.message or "Upload with blackbox-distill",
+        )
+    except Exception as exc:  # offline, refused, unauthorised, rate-limited: the Hub's reason, on one line
+        from huggingface_hub import constants
+
+        raise ConfigError(f"push to {repo} ({repo_type}) at {constants.ENDPOINT} failed: {hub_reason(exc, token)}") from None
     print(f"pushed {args.path} to {url} ({repo_type}); commit {getattr(commit, 'oid', '')[:12]}")
     return 0
+
+
+def hub_reason(exc: Exception, token: str) -> str:
+    """What the Hub client said, on one line, with the token masked wherever it appears."""
+    from synth.redact import redact
+
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return redact(text.replace(token, "***"))[:500]
