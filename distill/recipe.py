@@ -402,8 +402,9 @@ class StageState(BaseModel):
 
     fingerprint: str
     status: Literal["running", "done"]
-    #: Older versions recorded nothing here, so nothing they left is removed.
-    made: list[Made] = []
+    #: None in state files of versions before it was recorded (see `made_before`).
+    made: list[Made] | None = None
+    argv: list[str] = []
 
 
 def read_state(recipe: Recipe, stage: Stage) -> StageState | None:
@@ -452,7 +453,7 @@ def clear_outputs(recipe: Recipe, stage: Stage) -> list[Made]:
     empty folders it will fill.
     """
     state = read_state(recipe, stage)
-    made = {m.path: m for m in (state.made if state else [])}
+    made = made_before(state, stage)
     doomed = []
     for path in stage_paths(stage):
         if not os.path.lexists(path):
@@ -472,6 +473,22 @@ def clear_outputs(recipe: Recipe, stage: Stage) -> list[Made]:
     for path, record in doomed:
         _remove(path, record.kept)
     return [Made(path=str(p), kept=os.path.lexists(p)) for p in stage_paths(stage) if not os.path.lexists(p) or _empty_dir(p)]
+
+
+def made_before(state: StageState | None, stage: Stage) -> dict[str, Made]:
+    """What the stage's earlier runs made, by path.
+
+    A state file from before `made` was recorded still proves that this recipe ran this stage
+    into this output: the paths where that stage writes count as its own, so an upgrade does
+    not stop every changed stage of an existing run.
+    """
+    if state is None:
+        return {}
+    if state.made is not None:
+        return {m.path: m for m in state.made}
+    if stage.output is not None and str(stage.output) in state.argv:
+        return {str(p): Made(path=str(p)) for p in stage_paths(stage)}
+    return {}
 
 
 def finished(made: list[Made]) -> list[Made]:

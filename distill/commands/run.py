@@ -7,7 +7,7 @@ import gc
 import time
 from pathlib import Path
 
-from distill.recipe import clear_outputs, finished, fingerprint, load_recipe, mark, parse_assignments, read_state, status
+from distill.recipe import clear_outputs, finished, fingerprint, load_recipe, made_before, mark, parse_assignments, read_state, status
 
 
 def register(sub) -> None:
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         if state == "todo":
             made = clear_outputs(recipe, stage)  # before any work: what is in its way and not its own stops it
         else:
-            made = read_state(recipe, stage).made  # an interrupted stage's partial outputs are its own
+            made = list(made_before(read_state(recipe, stage), stage).values())  # an interrupted stage's partial outputs are its own
             print("    resuming an interrupted run")
         print(line, flush=True)
         mark(recipe, stage, "running", made)

@@ -145,6 +145,26 @@ def test_a_stray_file_in_a_folder_the_stage_made_is_not_removed(tmp_path):
     assert Made(path=str(out), kept=True) in clear_outputs(fresh, stage), "a user's empty folder is used, and kept"
 
 
+@pytest.mark.parametrize("same_output", [True, False], ids=["its-own-output", "another-output"])
+def test_a_state_file_from_before_made_was_recorded(same_output, tmp_path, server, cache_dir, capsys):
+    # An earlier version's state file names the stage's output in its argv: that output is the
+    # stage's own, so upgrading does not stop every changed stage; naming another proves nothing.
+    recipe = _recipe(tmp_path, server, "")
+    assert distill_main(["run", str(recipe)]) == 0
+    state_file = tmp_path / "run/.recipe/answers.json"
+    state = json.loads(state_file.read_text())
+    argv = state["argv"] if same_output else [a.replace("answers.jsonl", "elsewhere.jsonl") for a in state["argv"]]
+    state_file.write_text(json.dumps({"fingerprint": "from-an-older-version", "status": "done", "argv": argv, "time": 0}))
+    capsys.readouterr()
+    code = distill_main(["run", str(recipe)])
+    if same_output:
+        assert code == 0 and "skipped" not in capsys.readouterr().out, "the stage ran again over its own output"
+        assert (tmp_path / "run/data/answers.jsonl").is_file() and server.received == 6, "its answers came from the cache"
+        assert json.loads(state_file.read_text())["made"], "and now records what it made"
+    else:
+        assert code == 1 and "in the way" in _error(capsys) and server.received == 6
+
+
 def test_an_interrupted_stage_resumes_over_its_own_partial_outputs(tmp_path, server, cache_dir, capsys):
     recipe = _recipe(tmp_path, server, "")
     assert distill_main(["run", str(recipe)]) == 0
