@@ -89,7 +89,10 @@ def describe_exception(exc: BaseException, debug: bool = False) -> str:
 
 def _where(exc: BaseException) -> str:
     """`file:line` of the innermost frame of this project's code that the exception went through."""
-    inside = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename.startswith(str(ROOT))]
+    inside = [
+        f for f in traceback.extract_tb(exc.__traceback__)
+        if f.filename.startswith(str(ROOT)) and "site-packages" not in f.filename  # the venv may live in the checkout
+    ]
     if not inside:
         return ""
     frame = inside[-1]

@@ -55,11 +55,18 @@ def derive_student(source_dir: str | Path, keep: float | int, out_dir: str | Pat
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from trainers.common import check_output_dir, loading, resolve_model
+    from trainers.common import check_model_config, check_output_dir, loading, resolve_model
 
     hf_logging.disable_progress_bar()
 
-    source = resolve_model(str(source_dir))
+    # Deriving never runs a checkpoint's own code: only the Llama-family types below get past the type check.
+    source = resolve_model(str(source_dir), trust_remote_code=True)
+    model_type = check_model_config(source, trust_remote_code=True).get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"{source}: model type {model_type!r} is not supported for layer dropping; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)} (Llama-family decoders)"
+        )
     out = Path(out_dir).expanduser()
     if out.resolve() == source.resolve():
         raise ConfigError(f"{out}: the student would overwrite its source model")
@@ -68,11 +75,6 @@ def derive_student(source_dir: str | Path, keep: float | int, out_dir: str | Pat
 
     with loading(source):
         config = AutoConfig.from_pretrained(str(source), local_files_only=True)
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(
-            f"{source}: model type {config.model_type!r} is not supported for layer dropping; "
-            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)} (Llama-family decoders)"
-        )
     total = config.num_hidden_layers
     kept = layers_to_keep(total, keep)
 

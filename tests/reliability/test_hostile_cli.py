@@ -285,6 +285,8 @@ def test_a_model_that_cannot_load_is_one_line_naming_it(tiny, tmp_path, prompts,
     shutil.copytree(tiny, model)
     make, expected = BROKEN[breakage]
     (model / "config.json").write_text(make(json.loads((tiny / "config.json").read_text())))
+    if kind == "student derive" and breakage == "remote code without trust":
+        expected = "model type 'my_custom_llm' is not supported for layer dropping"  # derive never runs a checkpoint's code
     assert main(_command(kind, model, tmp_path, prompts)) == 1
     assert_one_line(capsys.readouterr().err, "broken-model", expected)
     assert not (tmp_path / "result").exists()
@@ -318,6 +320,16 @@ def test_eval_output_dir_pointing_at_a_file_pays_nothing(tiny, tmp_path, prompts
     assert target.read_text() == "mine"
     assert main(argv[:-1] + [str(target)]) == 1
     assert_one_line(capsys.readouterr().err, f"--output-dir {target}: not a directory")
+
+
+def test_train_output_dir_pointing_at_a_file(tmp_path, capsys):
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    data = write_sft_records(tmp_path / "d.jsonl", 2)
+    # The model does not exist: the output is checked before anything is loaded.
+    assert main(["train", "sft", "--model", str(tmp_path / "none"), "--data", str(data), "--output-dir", str(target)]) == 1
+    assert_one_line(capsys.readouterr().err, f"--output-dir {target}: not a directory")
+    assert target.read_text() == "mine"
 
 
 # --- push offline or failing ----------------------------------------------------------------------
