@@ -52,13 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a subcommand; any error prints one line and exits 1, Ctrl-C exits 130."""
-    debug = os.environ.get(DEBUG_ENV, "0") not in ("", "0")
+    debug = os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
     try:
         args = build_parser().parse_args(argv)
         debug = debug or args.debug
         return args.func(args)
-    except SystemExit as exc:  # --help, or a usage error already printed
-        return exc.code if isinstance(exc.code, int) else 1
+    except SystemExit as exc:  # --help, a usage error already printed, or sys.exit() somewhere below
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(redact(f"error: {exc.code}"), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: finished work is saved; rerun the same command to resume", file=sys.stderr)
         return 130

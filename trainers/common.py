@@ -101,7 +101,6 @@ def pick_device(config: TrainConfig) -> tuple[str, Any, bool]:
 
 def trl_args(config: TrainConfig) -> dict[str, Any]:
     """Keyword arguments every TRL config (a TrainingArguments) takes, from our shared settings."""
-    preflight(config)
     device, _, bf16 = pick_device(config)
     return dict(
         output_dir=str(config.output_dir),
@@ -130,7 +129,7 @@ def trl_args(config: TrainConfig) -> dict[str, Any]:
 
 
 def preflight(config: TrainConfig) -> None:
-    """What can be checked before loading anything: the device exists, the output can go where asked, trackers are installed."""
+    """What `distill train` checks before loading anything: the device exists, the output can go where asked, trackers are installed."""
     pick_device(config)
     check_output_dir(config.output_dir, "--output-dir")
     check_report_to(config.report_to)
