@@ -29,6 +29,7 @@ from pydantic import BaseModel, ValidationError
 
 from synth import safe_yaml
 from synth.errors import ConfigError
+from synth.layout import side_paths, write_text_atomic
 
 OUTPUT_KEYS = ("output", "output_dir", "out")
 TOP_LEVEL = {"name", "description", "teacher", "vars", "work_dir", "stages"}
@@ -433,16 +434,9 @@ def status(recipe: Recipe, stage: Stage) -> str:
 
 
 #: What commands write beside their output: `out.jsonl` → `out.rejects.jsonl`, `out.work/`, ...
-_SIBLINGS = (".rejects.jsonl", ".work", ".sft.jsonl", ".pairs.jsonl", ".coverage.json", ".coverage.md", ".tree.yaml")
-
-
 def stage_paths(stage: Stage) -> list[Path]:
     """Where the stage writes: its output, the output's journal, and the files its command puts beside it."""
-    if stage.output is None:
-        return []
-    out = stage.output
-    stem = out.name[: -len(".jsonl")] if out.name.endswith(".jsonl") else out.name
-    return [out, out.with_name(out.name + ".partial"), *(out.with_name(stem + s) for s in _SIBLINGS)]
+    return [] if stage.output is None else side_paths(stage.output)
 
 
 def clear_outputs(recipe: Recipe, stage: Stage) -> list[Made]:
@@ -544,12 +538,8 @@ def _remove(path: Path, kept: bool) -> None:
 
 def mark(recipe: Recipe, stage: Stage, state: str, made: list[Made]) -> None:
     """Record the stage's fingerprint, state ('running' or 'done') and what it made."""
-    target = recipe.state_path(stage)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
     from synth.redact import redact_all
 
     argv = redact_all(stage.argv)  # a stage's own teacher/judge flags may carry credentials
-    tmp.write_text(json.dumps({"fingerprint": stage.fingerprint, "status": state, "argv": argv, "time": time.time(),
-                               "made": [m.model_dump(exclude_none=True) for m in made]}, indent=2))
-    os.replace(tmp, target)
+    write_text_atomic(recipe.state_path(stage), json.dumps({"fingerprint": stage.fingerprint, "status": state, "argv": argv,
+                                                            "time": time.time(), "made": [m.model_dump(exclude_none=True) for m in made]}, indent=2))

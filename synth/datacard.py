@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from synth.errors import ConfigError
-from synth.io import rejects_path
+from synth.layout import rejects_path, stem, write_text_atomic
 
 #: A line of every card we write (after the front matter): a README.md without it is the user's, never replaced.
 CARD_MARK = "<!-- dataset card written by blackbox-distill; rewritten whenever the data is -->"
@@ -106,7 +106,7 @@ def write_data_card(dataset: Path, inputs: list[str | Path] = (), extra: dict | 
     s = summarize(dataset)
     kind = s["kinds"].most_common(1)[0][0] if s["kinds"] else "sft"
     seeds = seed_license(inputs)
-    config_name = f"{_stem(dataset)}-{s['sha256'][:12]}"
+    config_name = f"{stem(dataset)}-{s['sha256'][:12]}"
     front = {
         "configs": [{"config_name": config_name, "default": True, "data_files": [{"split": "train", "path": dataset.name}]}],
         "task_categories": [_TASKS.get(kind, "text-generation")],
@@ -140,11 +140,5 @@ def write_data_card(dataset: Path, inputs: list[str | Path] = (), extra: dict | 
               f"The config name `{config_name}` ends with the data file's content hash, so `datasets` never serves",
               "another folder's rows, or this folder's older rows, from its cache."]
     card = card_path(dataset)
-    tmp = card.with_name(f".{card.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(card)
-    return card
+    return write_text_atomic(card, "\n".join(lines) + "\n")
 
-
-def _stem(dataset: Path) -> str:
-    return dataset.name[: -len(".jsonl")] if dataset.name.endswith(".jsonl") else dataset.stem

@@ -21,7 +21,9 @@ from pydantic import BaseModel
 from synth.cache import ResponseCache
 from synth.errors import DistillError
 from synth.generators.base import Generator
-from synth.io import JournalError, TaskJournal, check_output, read_jsonl, rejects_path
+from synth.io import read_jsonl
+from synth.journal import JournalError, TaskJournal
+from synth.layout import check_output, rejects_path
 from synth.progress import JobCounts, ProgressLine
 from synth.runner import Runner
 from synth.teachers import TeacherConfig, build_teacher
@@ -53,13 +55,6 @@ class JobSummary:
     seconds: float
     teacher_errors: int = 0
     duplicates: int = 0
-
-
-def stage_output(output: str | Path, stage: str) -> Path:
-    """Where a multi-stage command keeps stage `stage`'s records: `out.jsonl` → `out.work/stage.jsonl`."""
-    output = Path(output)
-    stem = output.name[: -len(".jsonl")] if output.name.endswith(".jsonl") else output.name
-    return output.with_name(stem + ".work") / f"{stage}.jsonl"
 
 
 def open_cache(cache_dir: str | Path | None, mode: CacheMode) -> ResponseCache:

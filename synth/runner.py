@@ -6,7 +6,7 @@ import asyncio
 from typing import Callable, Iterable
 
 from synth.generators.base import Outcome, Task
-from synth.io import TaskJournal
+from synth.journal import TaskJournal
 from synth.progress import JobCounts
 from synth.records import Reject
 from synth.teachers.base import ChatRequest, ChatResponse, Teacher, TeacherError

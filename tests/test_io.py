@@ -8,7 +8,9 @@ import pytest
 
 from synth.errors import InputError
 from synth.generators.raw import PromptInput
-from synth.io import TaskJournal, load_records, read_jsonl, rejects_path, to_hf_dataset
+from synth.io import load_records, read_jsonl, to_hf_dataset
+from synth.journal import TaskJournal
+from synth.layout import rejects_path
 from synth.records import (
     PreferencePair,
     Provenance,

@@ -10,7 +10,7 @@ from pydantic import Field, ValidationError
 
 from distill.config_flags import checked_type, describe_errors, model_flag_type
 from synth.errors import ConfigError, describe_validation_error
-from synth.io import check_output
+from synth.layout import check_output
 from synth.job import JobSummary, RunSettings
 from synth.teachers import SamplingParams, TeacherConfig, parse_teacher_spec
 

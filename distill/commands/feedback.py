@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import islice
@@ -46,8 +45,9 @@ from synth.generators.feedback_rate import (
     rate_items,
     rate_records,
 )
-from synth.io import read_jsonl, rejects_path, write_jsonl_atomic
-from synth.job import JobSummary, RunSettings, run_job, stage_output
+from synth.io import read_jsonl
+from synth.job import JobSummary, RunSettings, run_job
+from synth.layout import read_rows, rejects_path, sibling, stage_output, write_jsonl_atomic
 from synth.prompts import load_template
 from synth.redact import redact, redact_data
 from synth.records import Provenance, stable_id
@@ -177,12 +177,6 @@ class Stages:
             print(f"warning: {errors} items failed at a teacher (see the rejects); rerun the same command to retry them")
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a file a stage wrote (an empty file is no rows)."""
-    with Path(path).open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
 def read_inputs(path: Path, limit: int | None, prompt_field: str = "prompt") -> list[tuple[str, FeedbackInput]]:
     """Every input line (validated before any work), up to `limit`; `prompt_field` names the prompt's field."""
     if prompt_field == "prompt":
@@ -297,9 +291,3 @@ def aggregate(mode: str, prompted: list[Prompted], rows: list[dict[str, Any]], j
             path = sibling(output, kind)
             written.append((what, write_jsonl_atomic(path, kept), path))
     return written, [r.model_dump(mode="json", exclude_none=True) for r in rejects]
-
-
-def sibling(output: Path, kind: str) -> Path:
-    """A file beside the output for another record kind: `out.jsonl` -> `out.KIND.jsonl`."""
-    stem = output.name[: -len(".jsonl")] if output.name.endswith(".jsonl") else output.name
-    return output.with_name(f"{stem}.{kind}.jsonl")

@@ -26,8 +26,9 @@ from synth.generators.label import (
     decide,
     reason_kind,
 )
-from synth.io import read_jsonl, rejects_path, write_jsonl_atomic
-from synth.job import JobSummary, run_job, stage_output
+from synth.io import read_jsonl
+from synth.job import JobSummary, run_job
+from synth.layout import read_rows, rejects_path, stage_output, write_jsonl_atomic
 from synth.records import Reject
 from synth.redact import redact
 from synth.teachers import TeacherConfig
@@ -122,7 +123,7 @@ def vote(stages: list[Path], order: list[str], output: Path, config: LabelConfig
     # Teacher failures (nothing received) were rejects of the sampling jobs; they belong in the final rejects too.
     failures: dict[str, list[dict]] = defaultdict(list)
     for stage in stages:
-        for _, row in read_jsonl_or_empty(rejects_path(stage)):
+        for row in read_rows(rejects_path(stage)):
             failures[row["task"]].append(row)
 
     def decisions() -> Iterator[tuple[list, list]]:
@@ -166,13 +167,6 @@ def _index(stage: Path) -> dict[str, list[int]]:
                 index[json.loads(line)["task"]].append(pos)
             pos += len(line)
     return index
-
-
-def read_jsonl_or_empty(path: Path):
-    """read_jsonl, but an empty or missing file yields nothing."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return iter(())
-    return read_jsonl(path)
 
 
 def print_label_summary(output: Path, kept: int, reasons: Counter, teachers: list[str], summaries: list[JobSummary]) -> None:

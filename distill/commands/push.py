@@ -13,11 +13,14 @@ import os
 from pathlib import Path
 
 from synth.errors import ConfigError
+from synth.layout import WORK_SUFFIXES
 
 #: Files that mark a folder as a dataset (what synth writes, and what `datasets` loads from a folder).
 DATASET_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 #: Never uploaded: resumable checkpoints, unfinished journals and stage folders are working state, not results.
-IGNORE = ["checkpoint-*/**", "**/checkpoint-*/**", "*.partial", "**/*.partial", "*.work/**", "**/*.work/**", ".recipe/**"]
+# Checkpoints, recipe state, and a job's work files (journals, stage folders) are never published.
+IGNORE = ["checkpoint-*/**", "**/checkpoint-*/**", ".recipe/**",
+          *(p for s in WORK_SUFFIXES for p in (f"*{s}", f"**/*{s}", f"*{s}/**", f"**/*{s}/**"))]
 
 
 def register(sub) -> None:

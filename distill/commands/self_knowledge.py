@@ -19,7 +19,6 @@ from distill.commands.feedback import (
     TeacherPool,
     add_io_flags,
     read_inputs,
-    sibling,
     spec_config,
 )
 from distill.config_flags import add_config_flags, load_config
@@ -39,7 +38,7 @@ from synth.generators.feedback_rate import (
 )
 from synth.generators.raw import RawGenerator, TemplateInput
 from synth.generators.self_knowledge import best_index, consistency_scores, self_records
-from synth.io import rejects_path, write_jsonl_atomic
+from synth.layout import rejects_path, sibling, write_jsonl_atomic
 from synth.prompts import load_template
 from synth.records import Provenance
 from synth.redact import redact_data

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from synth.generators.curate_taxonomy import Cell
+from synth.layout import stem, write_text_atomic
 
 
 def beside(output: str | Path, suffix: str) -> Path:
     """A file next to the output: `out.jsonl` + `.coverage.json` → `out.coverage.json`."""
     output = Path(output)
-    stem = output.name[: -len(".jsonl")] if output.name.endswith(".jsonl") else output.name
-    return output.with_name(stem + suffix)
+    return output.with_name(stem(output) + suffix)
 
 
 def coverage(cells: list[Cell], cells_total: int, questions: list, records: list[dict[str, Any]], rejected: int, per_cell: int) -> dict[str, Any]:
@@ -64,17 +63,6 @@ def markdown(summary: dict[str, Any], title: str) -> str:
         cols = [_cell_text(r[k]) for k in ("topic", "task_type", "difficulty", "knowledge_point")]
         lines.append(f"| {' | '.join(cols)} | {r['questions']} | {r['records']}{flag} |")
     return "\n".join(lines) + "\n"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `path` through a temp file and a rename, so readers never see half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_coverage(output: Path, cells: list[Cell], cells_total: int, questions: list, records: list[dict[str, Any]], rejected: int, config) -> tuple[Path, Path, int]:

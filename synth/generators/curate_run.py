@@ -33,8 +33,9 @@ from synth.generators.curate_taxonomy import (
     taxonomy_from_tree,
     write_taxonomy,
 )
-from synth.io import read_jsonl, rejects_path, write_jsonl_atomic
-from synth.job import JobSummary, RunSettings, run_job, stage_output
+from synth.io import read_jsonl
+from synth.job import JobSummary, RunSettings, run_job
+from synth.layout import read_rows, rejects_path, stage_output, write_jsonl_atomic
 from synth.prompts import load_template
 from synth.records import Reject
 from synth.teachers import SamplingParams, TeacherConfig, build_teacher
@@ -174,7 +175,7 @@ def _run(config: CurateConfig, output: Path, teacher: Teacher, settings: RunSett
     _sort_lines(output, lambda r: (order.get(r["meta"].get("cell"), -1), r["meta"].get("question_index", 0), r["provenance"].get("sample") or 0, r["id"]))
 
     rejected = _merge_rejects(output, stages, duplicates)
-    records = [r["meta"] for r in _read_rows(output)]
+    records = [r["meta"] for r in read_rows(output)]
     coverage_json, coverage_md, empty = write_coverage(output, cells, len(every), kept, records, rejected, config)
     return CurateResult(
         output=output, rejects=rejects_path(output), coverage_json=coverage_json, coverage_md=coverage_md, tree=tree,
@@ -242,13 +243,6 @@ def _cell_input(cell: Cell, config: CurateConfig) -> CellInput:
     )  # fmt: skip
 
 
-def _read_rows(path: Path) -> list[dict]:
-    """Every JSON line of a file a job wrote (which may be empty)."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return []
-    return [row for _, row in read_jsonl(path)]
-
-
 def _read_stage(path: Path, model: type[BaseModel]) -> list:
     if not path.is_file() or path.stat().st_size == 0:
         return []
@@ -266,7 +260,7 @@ def _merge_rejects(output: Path, stages: dict[str, JobSummary], duplicates: list
     """One rejects file for the whole run, stage by stage, each reason prefixed with its stage."""
     rows = []
     for name, summary in stages.items():
-        stage_rows = [{**row, "reason": f"{name}: {row['reason']}"} for row in _read_rows(summary.rejects)]
+        stage_rows = [{**row, "reason": f"{name}: {row['reason']}"} for row in read_rows(summary.rejects)]
         rows.extend(sorted(stage_rows, key=lambda r: json.dumps(r, sort_keys=True, ensure_ascii=False)))
         if name == "questions":
             rows.extend({**r.model_dump(mode="json", exclude_none=True), "reason": f"dedup: {r.reason}"} for r in duplicates)

@@ -9,7 +9,6 @@ questions written to that specification.
 from __future__ import annotations
 
 import itertools
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from pydantic import (
 
 from synth import safe_yaml
 from synth.errors import ConfigError, describe_validation_error
+from synth.layout import write_text_atomic
 from synth.paths import resource_dir
 from synth.records import stable_id
 
@@ -210,11 +210,4 @@ def write_taxonomy(taxonomy: Taxonomy, path: str | Path) -> Path:
     path = Path(path)
     # Empty subtopic and knowledge-point lists are left out: the file stays short to edit.
     data = taxonomy.model_dump(exclude_none=True, exclude_defaults=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_text_atomic(path, yaml.safe_dump(data, allow_unicode=True, sort_keys=False))

@@ -20,7 +20,8 @@ from synth.errors import InputError
 from synth.filters.dedup import DedupStats, normalize, tokenize
 from synth.generators.base import Generator, Outcome, PromptText, Task
 from synth.generators.raw import soft_labels_of
-from synth.io import read_jsonl, rejects_path, write_jsonl_atomic
+from synth.io import read_jsonl
+from synth.layout import rejects_path, write_jsonl_atomic
 from synth.job import JobSummary
 from synth.paths import resource_dir
 from synth.records import Reject, SFTExample, stable_id
@@ -243,10 +244,3 @@ def write_rejects(output: Path, rows: list[dict]) -> tuple[int, Counter]:
     """The run's one rejects file beside `output`; returns its count and the count per reason kind."""
     write_jsonl_atomic(rejects_path(output), rows)
     return len(rows), Counter(reason_kind(r["reason"]) for r in rows)
-
-
-def read_rows(path: Path) -> list[dict]:
-    """Every JSON line of a file a job wrote (possibly empty)."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return []
-    return [row for _, row in read_jsonl(path)]

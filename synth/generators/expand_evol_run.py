@@ -18,7 +18,6 @@ from synth.generators.expand import (
     AnswerInput,
     ExpandResult,
     load_pool,
-    read_rows,
     stage_rejects,
     tagged,
     write_rejects,
@@ -36,8 +35,9 @@ from synth.generators.expand_evol import (
     no_gain,
     pick_operation,
 )
-from synth.io import read_jsonl, rejects_path, write_jsonl_atomic
-from synth.job import JobSummary, RunSettings, run_job, stage_output
+from synth.io import read_jsonl
+from synth.job import JobSummary, RunSettings, run_job
+from synth.layout import read_rows, rejects_path, stage_output, write_jsonl_atomic
 from synth.prompts import load_template
 from synth.records import Reject
 from synth.teachers import SamplingParams, TeacherConfig, build_teacher

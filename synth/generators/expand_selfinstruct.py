@@ -30,13 +30,13 @@ from synth.generators.expand import (
     instruction_problem,
     is_refusal,
     load_pool,
-    read_rows,
     stage_rejects,
     tagged,
     write_rejects,
 )
-from synth.io import read_jsonl, write_jsonl_atomic
-from synth.job import RunSettings, run_job, stage_output
+from synth.io import read_jsonl
+from synth.job import RunSettings, run_job
+from synth.layout import read_rows, stage_output, write_jsonl_atomic
 from synth.prompts import load_template
 from synth.records import Provenance, Reject, stable_id
 from synth.structured import parse_model

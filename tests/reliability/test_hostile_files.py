@@ -18,7 +18,7 @@ import pytest
 
 from distill.cli import main as distill_main
 from synth.cache import ResponseCache
-from synth.io import TaskJournal
+from synth.journal import TaskJournal
 from tests.fault_server import FaultServer
 from tests.reliability.harness import write_prompts
 

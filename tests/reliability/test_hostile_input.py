@@ -185,7 +185,7 @@ def test_duplicate_inputs_are_reported_as_duplicates_not_resumed(tmp_path, capsy
 
 
 def test_resumed_and_duplicate_inputs_are_told_apart(tmp_path, capsys, monkeypatch):
-    from synth.io import TaskJournal
+    from synth.journal import TaskJournal
 
     monkeypatch.setenv("BBD_RESPONSE_CACHE", str(tmp_path / "cache"))
     (tmp_path / "in.jsonl").write_text(_line({"prompt": "a"}) + _line({"prompt": "b"}) + _line({"prompt": "a"}))
