@@ -17,7 +17,7 @@ from synth.teachers.base import (
     TransientTeacherError,
     Usage,
 )
-from synth.teachers.config import TeacherConfig, parse_teacher_spec
+from synth.teachers.config import TeacherConfig, TeacherOverrides, parse_teacher_spec, resolve_teacher
 
 
 def build_teacher(config: TeacherConfig) -> Teacher:
@@ -45,6 +45,7 @@ __all__ = [
     "SamplingParams",
     "Teacher",
     "TeacherConfig",
+    "TeacherOverrides",
     "TeacherError",
     "TokenLogprob",
     "TopLogprob",
@@ -52,4 +53,5 @@ __all__ = [
     "Usage",
     "build_teacher",
     "parse_teacher_spec",
+    "resolve_teacher",
 ]

@@ -135,3 +135,31 @@ def load_teacher_file(path: Path) -> TeacherConfig:
         return TeacherConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{path}: {describe_validation_error(exc, 'key')}") from None
+
+
+class TeacherOverrides(BaseModel):
+    """Teacher settings given once for every teacher a command builds (its --concurrency, --timeout, ... flags)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    concurrency: int | None = None
+    batch_size: int | None = None
+    timeout: float | None = None
+    max_retries: int | None = None
+    api_key_env: str | None = None
+
+    def given(self) -> dict[str, Any]:
+        """The settings actually given."""
+        return self.model_dump(exclude_none=True)
+
+
+def resolve_teacher(spec: str | None, overrides: TeacherOverrides | None = None) -> TeacherConfig:
+    """The config a spec names, with the overrides applied and checked like a teacher file's keys."""
+    config = parse_teacher_spec(spec)
+    given = overrides.given() if overrides is not None else {}
+    if not given:
+        return config
+    try:
+        return TeacherConfig.model_validate({**config.model_dump(), **given})
+    except ValidationError as exc:
+        raise ConfigError(redact(f"teacher {spec}: {describe_validation_error(exc, 'setting')}")) from None
