@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from synth.filters.dedup import DedupConfig, Deduplicator  # noqa: E402
+from synth.filters.dedup import DedupSettings, Deduplicator  # noqa: E402
 
 # -- the synthetic instructions ---------------------------------------------------------------
 _W = {name: words.split("|") for name, words in {
@@ -154,7 +154,7 @@ def scores(flags: np.ndarray, orig: np.ndarray, kind: np.ndarray) -> dict:
     return out
 
 
-def run_minhash(n: int, config: DedupConfig, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, dict]:
+def run_minhash(n: int, config: DedupSettings, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, dict]:
     """Filter n generated instructions; returns what each was dropped as a duplicate of (-1: kept), truth, seconds (generation excluded) and stats."""
     orig = np.full(n, -1, dtype=np.int64)
     kind = np.zeros(n, dtype=np.int8)
@@ -180,7 +180,7 @@ def run_minhash(n: int, config: DedupConfig, seed: int) -> tuple[np.ndarray, np.
     return flags, orig, kind, total - gen_seconds, info
 
 
-def explain_errors(dup_of: np.ndarray, orig: np.ndarray, config: DedupConfig, seed: int, sample: int = 5000) -> dict:
+def explain_errors(dup_of: np.ndarray, orig: np.ndarray, config: DedupSettings, seed: int, sample: int = 5000) -> dict:
     """Exact shingle Jaccard behind the errors: is a wrong drop (or a missed copy) near by the filter's own definition?"""
     rng = np.random.default_rng(0)
     wrong = np.flatnonzero((dup_of >= 0) & (orig < 0))
@@ -303,11 +303,11 @@ def main() -> None:
     ap.add_argument("--rouge-prefix", type=int, default=2000, help="instructions also run through rouge_score itself (slow: pairs grow quadratically)")
     ap.add_argument("--workers", type=int, default=2, help="processes for the ROUGE-L filter (Alpaca uses a pool)")
     ap.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic instructions")
-    for name, field in DedupConfig.model_fields.items():
+    for name, field in DedupSettings.model_fields.items():
         if field.annotation in (int, float) and name != "seed":
             ap.add_argument("--" + name.replace("_", "-"), type=field.annotation, default=field.default, help=field.description)
     args = ap.parse_args()
-    config = DedupConfig(**{k: getattr(args, k) for k in DedupConfig.model_fields if hasattr(args, k)})
+    config = DedupSettings(**{k: getattr(args, k) for k in DedupSettings.model_fields if hasattr(args, k)})
     print(f"config: {config.model_dump()}")
     sample = [t for t, _, _ in instructions(2000, args.data_seed)]
     print(f"instructions average {sum(len(t.split()) for t in sample) / len(sample):.1f} words; e.g. {sample[0]!r}")
@@ -318,7 +318,7 @@ def main() -> None:
         versus_rouge(args, config)
 
 
-def big(args: argparse.Namespace, config: DedupConfig) -> None:
+def big(args: argparse.Namespace, config: DedupSettings) -> None:
     """The large run: time, memory, precision and recall."""
     base_rss = peak_rss_mib()
     dup_of, orig, kind, seconds, info = run_minhash(args.n, config, args.data_seed)
@@ -338,7 +338,7 @@ def big(args: argparse.Namespace, config: DedupConfig) -> None:
           f"of the planted copies missed, {e['missed_truly_near']:.1%} were within it (LSH misses), the rest are beyond the threshold")
 
 
-def versus_rouge(args: argparse.Namespace, config: DedupConfig) -> None:
+def versus_rouge(args: argparse.Namespace, config: DedupSettings) -> None:
     """MinHash against the Alpaca-style ROUGE-L filter on a smaller stream: time ratio and agreement."""
     m, prefix = args.rouge_sample, min(args.rouge_prefix, args.rouge_sample)
     texts, o, k = zip(*instructions(m, args.data_seed + 1))

@@ -7,7 +7,7 @@ import pytest
 from datasketch import MinHash
 
 from synth.filters.dedup import (
-    DedupConfig,
+    DedupSettings,
     Deduplicator,
     Shingler,
     dedup_texts,
@@ -94,20 +94,20 @@ def test_threshold_and_switches():
     a, b = "List five tips for keeping houseplants alive in winter.", "List five tips for keeping cacti alive in summer."
     sim = Shingler().similarity(a, b)
     assert 0.2 < sim < 0.6
-    assert Deduplicator(DedupConfig(threshold=sim - 0.01)).add("x", a) is None
-    strict = Deduplicator(DedupConfig(threshold=sim - 0.01))
+    assert Deduplicator(DedupSettings(threshold=sim - 0.01)).add("x", a) is None
+    strict = Deduplicator(DedupSettings(threshold=sim - 0.01))
     strict.add("x", a)
     assert strict.add("y", b) == "x"
-    no_near = Deduplicator(DedupConfig(near=False))
+    no_near = Deduplicator(DedupSettings(near=False))
     no_near.add("x", a)
     assert no_near.add("y", a + " Please.") is None and no_near.add("z", a.upper()) == "x"
-    no_exact = Deduplicator(DedupConfig(exact=False))
+    no_exact = Deduplicator(DedupSettings(exact=False))
     no_exact.add("x", a)
     assert no_exact.offer("z", a.upper()).kind == "near"
 
 
 def test_signature_equals_datasketch_minhash():
-    d = Deduplicator(DedupConfig(num_perm=64, seed=3))
+    d = Deduplicator(DedupSettings(num_perm=64, seed=3))
     for text in ("Write a poem about the sea.", "写一首关于大海的诗", "hi", "请用 Python 写一个函数"):
         m = MinHash(num_perm=64, seed=3, hashfunc=lambda x: x)
         m.update_batch([int(x) for x in d.shingle_hashes(text)])

@@ -34,13 +34,13 @@ from synth.errors import ConfigError
 from synth.filters.lsh import CompactLSH
 from synth.filters.shingles import Shingler, jaccard, normalize, tokenize
 
-__all__ = ["DedupConfig", "DedupStats", "Deduplicator", "Duplicate", "Shingler", "dedup_texts", "jaccard", "normalize", "tokenize"]
+__all__ = ["DedupSettings", "DedupStats", "Deduplicator", "Duplicate", "Shingler", "dedup_texts", "jaccard", "normalize", "tokenize"]
 
 _U32 = np.uint32
 _SCHEME = "affine32"  # datasketch >= 2.0: a*h+b mod 2^32 after a MurmurHash3 finalizer
 
 
-class DedupConfig(BaseModel):
+class DedupSettings(BaseModel):
     """How duplicates are found."""
 
     model_config = ConfigDict(extra="forbid")
@@ -100,8 +100,8 @@ class Deduplicator:
     duplicates; `add_many` does the same for a stream, hashing in batches (much faster).
     """
 
-    def __init__(self, config: DedupConfig | None = None):
-        self.config = config or DedupConfig()
+    def __init__(self, config: DedupSettings | None = None):
+        self.config = config or DedupSettings()
         c = self.config
         try:
             a, b = MinHash(num_perm=c.num_perm, seed=c.seed, scheme=_SCHEME).permutations
@@ -272,7 +272,7 @@ def _fmix32(h: np.ndarray) -> np.ndarray:
         return h ^ (h >> _U32(16))
 
 
-def dedup_texts(texts: Iterable[str], config: DedupConfig | None = None) -> tuple[list[int], DedupStats]:
+def dedup_texts(texts: Iterable[str], config: DedupSettings | None = None) -> tuple[list[int], DedupStats]:
     """Indices of the texts that survive, in order, and the stats: a one-call helper."""
     d = Deduplicator(config)
     kept = [i for i, found in enumerate(d.add_many(enumerate(texts))) if found is None]

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from synth.filters.dedup import DedupConfig, Deduplicator, DedupStats
+from synth.filters.dedup import DedupSettings, Deduplicator, DedupStats
 from synth.generators.expand import (
     AnswerGenerator,
     AnswerInput,
@@ -57,7 +57,7 @@ class EvolConfig(BaseModel):
     min_new_words: int = Field(3, ge=0, description="Heuristic: an in-depth evolution must add at least this many words the original lacks.")
     min_answer_words: int = Field(3, ge=1, description="Answers with fewer content words (not stop words or punctuation) are eliminated as too short.")
     refusal_words: int = Field(80, ge=1, description="An answer with a refusal phrase and fewer words than this is eliminated as a refusal.")
-    dedup: DedupConfig = Field(default_factory=DedupConfig, description="Near-duplicate filter against everything accepted so far (YAML only).")
+    dedup: DedupSettings = Field(default_factory=DedupSettings, description="Near-duplicate filter against everything accepted so far (YAML only).")
     seed: int = Field(0, description="Seed of the operation draws and base seed of every teacher sample.")
     templates: dict[str, str] = Field(default_factory=dict, description="Template per operation replacing expand/evol_<operation> (a name under prompts/ or a .jinja file; YAML only); each gets `prompt`.")
     answer_template: str = Field("expand/answer", description="Template of answer requests; it gets `instruction` and `input`.")

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from synth.filters.dedup import DedupConfig, Deduplicator, DedupStats
+from synth.filters.dedup import DedupSettings, Deduplicator, DedupStats
 from synth.generators.base import Generator, Outcome, Task
 from synth.generators.expand import (
     NON_TEXT_WORDS,
@@ -59,7 +59,7 @@ class SelfInstructConfig(BaseModel):
     min_words: int = Field(3, ge=1, description="Shortest instruction kept, in words (a Chinese character counts as one).")
     max_words: int = Field(150, ge=1, description="Longest instruction kept, in words.")
     blocked_words: list[str] = Field(default_factory=lambda: list(NON_TEXT_WORDS), description="Instructions mentioning any of these (tasks a text model cannot do) are filtered out.")
-    dedup: DedupConfig = Field(default_factory=DedupConfig, description="Near-duplicate filter against the whole pool (YAML only).")
+    dedup: DedupSettings = Field(default_factory=DedupSettings, description="Near-duplicate filter against the whole pool (YAML only).")
     seed: int = Field(0, description="Seed of the demonstration samples and base seed of every teacher sample.")
     template: str = Field("expand/self_instruct", description="Template of instruction requests (method/name under prompts/, or a .jinja file); it gets `demos` and `count`.")
     answer_template: str = Field("expand/answer", description="Template of answer requests; it gets `instruction` and `input`.")
