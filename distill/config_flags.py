@@ -7,7 +7,7 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Callable, Collection, Literal
 
 import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -76,13 +76,13 @@ def _flag_kwargs(annotation: Any, field: FieldInfo | None = None) -> dict[str, A
     return None
 
 
-def add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel], title: str = "settings") -> None:
-    """`--config FILE` plus one flag per simple field of `model`; unset flags leave the file's value."""
+def add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel], title: str = "settings", exclude: Collection[str] = ()) -> None:
+    """`--config FILE` plus one flag per simple field of `model` not in `exclude`; unset flags leave the file's value."""
     parser.add_argument("--config", type=Path, metavar="FILE.yaml", help="settings file; flags given here override it")
     group = parser.add_argument_group(title)
     for name, field in model.model_fields.items():
         kwargs = _flag_kwargs(field.annotation, field)
-        if kwargs is None:
+        if kwargs is None or name in exclude:
             continue
         default = field.get_default(call_default_factory=True)
         help_text = (field.description or "").rstrip(".")
@@ -93,8 +93,11 @@ def add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel], ti
         group.add_argument("--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS, help=help_text, **kwargs)
 
 
-def load_config(args: argparse.Namespace, model: type[BaseModel]):
-    """The config from `--config` (if given) with every flag given on the command line on top."""
+def load_config(args: argparse.Namespace, model: type[BaseModel], flags_only: Collection[str] = ()):
+    """The config from `--config` (if given) with every flag given on the command line on top.
+
+    Fields in `flags_only` (a command's own flags: --input, --output, ...) are unknown keys to the file.
+    """
     data: dict[str, Any] = {}
     source = "flags"
     if getattr(args, "config", None) is not None:
@@ -108,6 +111,8 @@ def load_config(args: argparse.Namespace, model: type[BaseModel]):
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of settings")
+        if refused := [key for key in loaded if key in flags_only]:
+            raise ConfigError("; ".join(f"{path}: key '{key}': unknown key" for key in refused))
         data.update(loaded)
     given = vars(args)
     flags = {name for name in model.model_fields if name in given}

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from distill.cli import build_parser
-from distill.commands.feedback import FeedbackConfig
 from distill.config_flags import load_config
+from synth.errors import ConfigError
 from synth.generators.feedback import (
     FeedbackInput,
     Judgment,
@@ -43,6 +43,8 @@ from synth.generators.feedback_rate import (
     parse_rating,
     rated_pair,
 )
+from synth.pipelines.feedback import FeedbackSettings
+from synth.pipelines.stages import PIPELINE_FIELDS, read_inputs
 from synth.prompts import load_template
 from synth.records import Provenance
 from synth.teachers.base import ChatResponse, Completion, SamplingParams
@@ -270,14 +272,19 @@ def test_assemble_keeps_order_and_sources_and_drops_repeats():
 # -- config and templates -------------------------------------------------------------------------
 
 def test_config_file_and_flags(tmp_path):
-    assert FeedbackConfig().mode == "rate" and FeedbackConfig().judge == []
+    defaults = FeedbackSettings(input="i", output="o")
+    assert defaults.mode == "rate" and defaults.judge == [] and defaults.teacher == "embedded"
     cfg = tmp_path / "fb.yaml"
     cfg.write_text("mode: pairwise\nmin_margin: 3\njudge: [embedded]\n")
     args = build_parser().parse_args(["feedback", "--input", "i", "--output", "o", "--config", str(cfg), "--min-margin", "2",
                                       "--judge", "hf:/a", "--judge", "openai:m@http://h/v1", "--temperatures", "0.2", "1.0"])
-    config = load_config(args, FeedbackConfig)
+    config = load_config(args, FeedbackSettings, flags_only=PIPELINE_FIELDS)
     assert config.mode == "pairwise" and config.min_margin == 2 and config.temperatures == [0.2, 1.0]
     assert config.judge == ["hf:/a", "openai:m@http://h/v1"], "repeated --judge flags build the panel and override the file"
+    assert config.input == Path("i") and config.output == Path("o") and config.limit is None
+    cfg.write_text("mode: pairwise\nlimit: 3\n")
+    with pytest.raises(ConfigError, match=r"fb\.yaml: key 'limit': unknown key"):
+        load_config(args, FeedbackSettings, flags_only=PIPELINE_FIELDS)
 
 
 @pytest.mark.parametrize("name", ["feedback/rate", "feedback/pairwise", "feedback/critique", "self/reward", "self/critique", "self/refine"])
@@ -444,7 +451,6 @@ def test_panel_through_the_llama_cpp_server(llama_server, tmp_path):
 
 
 def test_prompt_field_reads_seed_sets_that_name_their_prompts_otherwise(tmp_path):
-    from distill.commands.feedback import read_inputs
     from synth.errors import InputError
 
     seeds = Path(__file__).resolve().parents[1] / "data/self_instruct/seed_tasks.jsonl"

@@ -1,4 +1,4 @@
-"""Flags several commands share: the teacher, the cache, sampling."""
+"""Flags several commands share (the teacher, the cache, sampling, a pipeline's I/O) and how their results print."""
 
 from __future__ import annotations
 
@@ -6,19 +6,34 @@ import argparse
 import json
 from pathlib import Path
 
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
-from distill.config_flags import checked_type, describe_errors, model_flag_type
+from distill.config_flags import checked_type, describe_errors, load_config, model_flag_type
 from synth.errors import ConfigError, describe_validation_error
 from synth.layout import check_output
 from synth.job import JobSummary, RunSettings
-from synth.teachers import SamplingParams, TeacherConfig, parse_teacher_spec
+from synth.pipelines.stages import PIPELINE_FIELDS, StagedResult
+from synth.teachers import SamplingParams, TeacherConfig, TeacherOverrides, parse_teacher_spec
 
 #: The teacher settings a flag can override, as TeacherConfig names them.
 TEACHER_OVERRIDES = ("concurrency", "batch_size", "timeout", "max_retries", "api_key_env")
 
 #: `--limit N`: a count of inputs, so at least 1 (leave the flag out for all of them).
 limit_type = checked_type(int, Field(ge=1))
+
+
+def add_io_flags(p: argparse.ArgumentParser) -> None:
+    """--input, --output, --limit."""
+    p.add_argument("--input", required=True, type=Path, help="JSON Lines of prompts")
+    p.add_argument("--output", required=True, type=Path, help="JSON Lines of records; rejects and stage files go beside it")
+    p.add_argument("--limit", type=limit_type, help="only the first N inputs")
+
+
+def pipeline_settings(args: argparse.Namespace, model: type[BaseModel]):
+    """A pipeline's settings: `--config` and the method's flags, then the I/O, teacher and cache flags."""
+    # Those fields come from the command's own flags, never from generated flags or a --config file.
+    settings = load_config(args, model, flags_only=PIPELINE_FIELDS)
+    return settings.model_copy(update={"run": run_settings(args), "teacher_overrides": teacher_overrides(args)})
 
 
 def add_teacher_override_flags(g) -> None:
@@ -48,6 +63,11 @@ def teacher_config(args: argparse.Namespace) -> TeacherConfig:
         return TeacherConfig.model_validate({**config.model_dump(), **overrides})
     except ValidationError as exc:
         raise ConfigError(describe_errors(exc, set(overrides), f"teacher {args.teacher}")) from None
+
+
+def teacher_overrides(args: argparse.Namespace) -> TeacherOverrides:
+    """The --concurrency, --batch-size, ... flags given, for every teacher a command builds."""
+    return TeacherOverrides(**{key: getattr(args, key) for key in TEACHER_OVERRIDES if getattr(args, key, None) is not None})
 
 
 def add_cache_flags(parser: argparse.ArgumentParser) -> None:
@@ -154,3 +174,17 @@ def print_summary(s: JobSummary) -> None:
     )
     if s.teacher_errors:
         print(f"warning: {s.teacher_errors} inputs failed at the teacher (see the rejects); rerun the same command to retry them")
+
+
+def print_stages(result: StagedResult) -> None:
+    """Each stage, each file written, the rejects by reason and what the teachers cost."""
+    for name, s in result.stages:
+        print(f"stage {name}: {s.records} records, {s.rejected} rejects ({s.requests_sent} requests sent, {s.cache_hits} from cache, {s.seconds:.1f} s)")
+    for noun, count, path in result.written:
+        print(f"wrote {count} {noun} to {path}")
+    print(f"rejects: {len(result.rejects)} in {result.rejects_path}")
+    for reason, count in result.reasons():
+        print(f"  {count} {reason}")
+    print(f"teachers: {result.requests_sent} requests sent, {result.cache_hits} samples from cache; stage files in {result.stage_dir}")
+    if result.teacher_errors:
+        print(f"warning: {result.teacher_errors} items failed at a teacher (see the rejects); rerun the same command to retry them")
