@@ -27,6 +27,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from distill import code_fingerprint
+from distill.content_hash import NOT_INPUTS, content_hash, file_digest, named_inputs
 from synth import safe_yaml
 from synth.errors import ConfigError
 from synth.layout import side_paths, write_text_atomic
@@ -39,7 +41,6 @@ _REF = re.compile(r"^(hf:)?@(.+)$")
 # A stage name is also its state file's name: no path separators, no leading dot.
 _STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SCALARS = (str, int, float, bool)
-_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -326,66 +327,24 @@ def _to_argv(action: argparse.Action, value: Any) -> list[str]:
     return [flag, *map(str, values)]
 
 
-def fingerprint(stage: Stage) -> str:
-    """Hash of the stage's arguments, the content of the files it reads and the code of its command."""
+def fingerprint(stage: Stage, root: Path | None = None) -> str:
+    """Hash of the stage's arguments, the content of the files and models it reads and the code it runs.
+
+    The code is found by walking the imports of the stage's command (`distill.code_fingerprint`);
+    `root` is the checkout holding it (default: this one).
+    """
     h = hashlib.sha256(json.dumps(stage.argv).encode())
     for key, value in sorted(stage.settings.items()):
-        if key in OUTPUT_KEYS:
+        if key in NOT_INPUTS:
             continue
         for item in value if isinstance(value, list) else [value]:
-            p = Path(str(item).removeprefix("hf:"))  # a model served as a teacher counts by its files
-            # "" is Path("."): an empty setting (reference_field: "") must not hash the working directory.
-            if isinstance(item, str) and item.strip() not in ("", ".") and p.exists():
-                h.update(key.encode() + _content_hash(p).encode())
-    for source in _code_files(stage.command, stage.settings):
-        h.update(source.read_bytes())
+            if isinstance(item, str):
+                for path in named_inputs(item):
+                    h.update(key.encode() + content_hash(path).encode())
+    root = Path(root or code_fingerprint.ROOT)
+    for source in code_fingerprint.stage_code_files(stage.command, stage.settings, root):
+        h.update(f"{source.relative_to(root).as_posix()}\0{file_digest(source)}\n".encode())
     return h.hexdigest()[:24]
-
-
-def _content_hash(path: Path) -> str:
-    """Files by content; directories (models) by names, sizes and modification times."""
-    h = hashlib.sha256()
-    if path.is_file():
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    else:
-        for f in sorted(p for p in path.rglob("*") if p.is_file() and "checkpoint-" not in str(p)):
-            st = f.stat()
-            h.update(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()
-
-
-_COMMAND_MODULES = {"self": "self_knowledge"}
-# Code a command runs beyond its own module and generators (paths from the repository root).
-_SHARED_CODE = {
-    "generate": ["synth/generators/raw.py"],
-    "eval": ["trainers/evaluate.py", "trainers/eval_metrics.py", "trainers/report.py", "synth/filters/verify.py"],
-    "label": ["synth/filters/verify.py"],
-    "expand": ["synth/filters/dedup.py", "synth/filters/lsh.py", "synth/filters/shingles.py"],
-    "student": ["trainers/student.py"],
-    "train": ["trainers/common.py", "trainers/config.py"],
-}
-_TRAINER_CODE = {"ppo": ["rl_common"], "grpo": ["rl_common"], "rloo": ["rl_common", "grpo"], "kd": ["sft"], "gkd": ["sft"]}
-# A command's templates are prompts/<command>/; eval renders labeling's.
-_PROMPT_DIRS = {"eval": "label"}
-
-
-def _code_files(command: list[str], settings: dict[str, Any] | None = None) -> list[Path]:
-    """The code and templates a stage runs: its command module, method modules, shared helpers, prompt templates."""
-    # `distill self` lives in self_knowledge.py (`self` is a poor module name).
-    module = _COMMAND_MODULES.get(command[0], command[0].replace("-", "_"))
-    files = [_ROOT / "distill" / "commands" / f"{module}.py"]
-    files += [_ROOT / f for f in _SHARED_CODE.get(command[0], [])]
-    if command[0] == "train" and len(command) > 1:
-        files += sorted((_ROOT / "trainers").glob(f"{command[1]}*.py"))
-        files += [_ROOT / "trainers" / f"{m}.py" for m in _TRAINER_CODE.get(command[1], [])]
-    files += sorted((_ROOT / "synth" / "generators").glob(f"{module}*.py"))
-    files += sorted((_ROOT / "prompts" / _PROMPT_DIRS.get(command[0], command[0])).glob("*.jinja"))
-    template = (settings or {}).get("template")
-    if isinstance(template, str) and "/" in template and not template.endswith(".jinja"):
-        files += sorted((_ROOT / "prompts").glob(f"{template}.*.jinja"))  # a named template, e.g. label/cot
-    return list(dict.fromkeys(f for f in files if f.is_file()))
 
 
 class Made(BaseModel):

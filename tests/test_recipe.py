@@ -142,10 +142,10 @@ stages:
 
 
 def test_a_stage_fingerprints_the_code_and_templates_it_runs():
-    from distill.recipe import _code_files
+    from distill.code_fingerprint import stage_code_files
 
     def names(command, settings=None):
-        return {f"{p.parent.name}/{p.name}" for p in _code_files(command, settings)}
+        return {f"{p.parent.name}/{p.name}" for p in stage_code_files(command, settings)}
 
     assert {"trainers/rloo.py", "trainers/grpo.py", "trainers/rl_common.py", "trainers/common.py"} <= names(["train", "rloo"])
     assert {"trainers/evaluate.py", "trainers/eval_metrics.py", "trainers/report.py", "label/cot.en.jinja"} <= names(["eval"])
