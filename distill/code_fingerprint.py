@@ -1,7 +1,7 @@
 """The code a recipe stage runs, found by walking imports rather than listed by hand.
 
 A stage runs its command's module (`distill/commands/*.py`, found by the name it registers) and,
-for `train METHOD`, the trainer module whose METHOD is that name. Its code is every project module
+for `train METHOD`, that method's trainer module (named in trainers/__init__.py's table). Its code is every project module
 those import, at any depth, at module or function level, and the prompt templates those modules
 load. A fix anywhere in that code reruns the stage; a change elsewhere leaves it done.
 """
@@ -36,7 +36,7 @@ def _code_of(command: tuple[str, ...], root: Path) -> tuple[tuple[Path, ...], tu
     if command[0] == "train" and len(command) > 1:
         entries.append(trainer_module(command[1], root))
     modules = import_closure(entries, root)
-    templates = {t for m in modules for name in template_names(_parse(m)) for t in _templates_in(name, root)}
+    templates = {t for name in template_names(_parse(m) for m in modules) for t in _templates_in(name, root)}
     return tuple(sorted(modules)), tuple(sorted(templates))
 
 
@@ -66,7 +66,17 @@ def registered_commands(tree: ast.Module) -> set[str]:
 
 
 def trainer_module(method: str, root: Path) -> Path:
-    """The module under trainers/ whose `METHOD` is `method` (else trainers/<method>.py)."""
+    """The trainer of `distill train METHOD`: the module trainers/__init__.py's table names for it
+    (`"sft": Method("trainers.sft", ...)`), or the one declaring `METHOD = "sft"`, or trainers/<method>.py."""
+    package = root / "trainers" / "__init__.py"
+    for node in ast.walk(_parse(package)) if package.is_file() else ():
+        if isinstance(node, ast.Dict):
+            for key, value in zip(node.keys, node.values):
+                if isinstance(key, ast.Constant) and key.value == method:
+                    for text in sorted(_texts(value)):
+                        module = root.joinpath(*text.split(".")).with_suffix(".py")
+                        if text.startswith("trainers.") and module.is_file():
+                            return module
     for path in sorted((root / "trainers").glob("*.py")):
         for node in _parse(path).body:
             if (
@@ -77,7 +87,7 @@ def trainer_module(method: str, root: Path) -> Path:
     fallback = root / "trainers" / f"{method}.py"
     if fallback.is_file():
         return fallback
-    raise LookupError(f"no module in {root / 'trainers'} declares METHOD = {method!r}")
+    raise LookupError(f"no trainer module in {root / 'trainers'} for the method {method!r}")
 
 
 def import_closure(entries: Iterable[Path], root: Path) -> set[Path]:
@@ -112,26 +122,30 @@ def imported_files(path: Path, root: Path) -> Iterator[Path]:
             yield from _files_of(node.args[0].value, root)
 
 
-def template_names(tree: ast.Module) -> set[str]:
-    """Template names a module may load: text in `load_template(...)`'s name argument, and the
-    defaults of settings, fields and parameters named `*template*` (`template: str = Field("label/cot")`)."""
+def template_names(trees: Iterable[ast.Module]) -> set[str]:
+    """Template names the modules may load: the text in their `load_template(...)` name arguments
+    (literals, and f-strings' literal parts: f"feedback/{mode}" → "feedback/"); and where some call
+    computes the name (`load_template(config.template)`), the defaults of the settings, fields and
+    parameters named `*template*` in those modules (`template: str = Field("label/cot")`)."""
     names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and _called(node) == "load_template":
-            for arg in node.args[:1] + [k.value for k in node.keywords if k.arg == "name"]:
-                names |= _texts(arg)  # literals and f-strings' literal parts: f"feedback/{mode}" → "feedback/"
-        elif isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            if any("template" in _target_name(t) for t in targets):
-                names |= _default_texts(node.value)
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-            a = node.args
-            positional = a.posonlyargs + a.args
-            pairs = list(zip(positional[len(positional) - len(a.defaults):], a.defaults)) + list(zip(a.kwonlyargs, a.kw_defaults))
-            for arg, default in pairs:
-                if default is not None and "template" in arg.arg:
-                    names |= _default_texts(default)
-    return names
+    defaults: set[str] = set()
+    computed = False
+    for tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and _called(node) == "load_template":
+                for arg in node.args[:1] + [k.value for k in node.keywords if k.arg == "name"]:
+                    names |= _texts(arg)
+                    computed = computed or not isinstance(arg, (ast.Constant, ast.JoinedStr))
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                if any("template" in _target_name(t) for t in targets):
+                    defaults |= _default_texts(node.value)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                a = node.args
+                positional = a.posonlyargs + a.args
+                pairs = list(zip(positional[len(positional) - len(a.defaults):], a.defaults)) + list(zip(a.kwonlyargs, a.kw_defaults))
+                defaults |= {t for arg, default in pairs if default is not None and "template" in arg.arg for t in _default_texts(default)}
+    return names | defaults if computed else names
 
 
 def prompts_dir(root: Path) -> Path:
