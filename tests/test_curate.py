@@ -30,8 +30,8 @@ from synth.generators.curate import (
     parse_questions,
     parse_subtopics,
 )
-from synth.generators.curate_run import CurateConfig, dedup_questions
 from synth.generators.curate_taxonomy import all_cells, load_taxonomy, sample_cells
+from synth.pipelines.curate import CurateSettings, dedup_questions
 from synth.prompts import load_template
 from synth.records import Provenance
 from synth.teachers.base import (
@@ -135,14 +135,17 @@ def test_seeded_sample_is_deterministic_and_keeps_order(tmp_path):
     assert sample_cells(cells, 100, seed=0) == cells and sample_cells(cells, None, seed=0) == cells
 
 
+OUT = Path("out.jsonl")
+
+
 def test_config_wants_exactly_one_source():
     with pytest.raises(ValueError, match="either taxonomy"):
-        CurateConfig()
+        CurateSettings(output=OUT)
     with pytest.raises(ValueError, match="either taxonomy"):
-        CurateConfig(taxonomy="math_en", root_topic="x")
+        CurateSettings(output=OUT, taxonomy="math_en", root_topic="x")
     with pytest.raises(ValueError, match="for root_topic"):
-        CurateConfig(taxonomy="math_en", task_types=["a"])
-    assert CurateConfig(root_topic=" Python ").root_topic == "Python"
+        CurateSettings(output=OUT, taxonomy="math_en", task_types=["a"])
+    assert CurateSettings(output=OUT, root_topic=" Python ").root_topic == "Python"
 
 
 # -- parsers on recorded replies ------------------------------------------------------------------

@@ -12,33 +12,23 @@ from pathlib import Path
 import pytest
 
 from synth.filters.dedup import Shingler
-from synth.generators.expand import (
-    PoolItem,
-    answer_problem,
-    instruction_problem,
-    is_refusal,
-    load_pool,
-    reason_kind,
-)
+from synth.generators.expand import answer_problem, instruction_problem, is_refusal
 from synth.generators.expand_evol import (
+    OPERATIONS,
     copies_wording,
     no_gain,
     parse_evolved,
     parse_verdict,
     pick_operation,
 )
-from synth.generators.expand_evol_run import EvolConfig
-from synth.generators.expand_selfinstruct import (
-    InstructionList,
-    ProposeGenerator,
-    RoundRequest,
-    SelfInstructConfig,
-    parse_instruction_list,
-    round_requests,
-)
+from synth.generators.expand_selfinstruct import InstructionList, ProposeGenerator, RoundRequest, parse_instruction_list
+from synth.pipelines.evol import EvolSettings
+from synth.pipelines.expand import PoolItem, load_pool, reason_kind
+from synth.pipelines.self_instruct import SelfInstructSettings, round_requests
 from synth.prompts import load_template
 from synth.teachers.base import ChatResponse, Completion, SamplingParams
 
+OUT = Path("out.jsonl")
 GOOD_LIST = '{"instructions": [{"instruction": "Name three rivers in Africa.", "input": ""}, {"instruction": "Fix the grammar.", "input": "He go home."}]}'
 
 
@@ -182,12 +172,12 @@ def test_a_long_answer_that_says_sorry_once_is_kept():
     ],
 )
 def test_instruction_filters(text, kind):
-    config = SelfInstructConfig()
+    config = SelfInstructSettings(output=OUT)
     assert instruction_problem(text, config.min_words, config.max_words, config.blocked_words).startswith(kind)
 
 
 def test_instruction_filter_passes_ordinary_tasks_and_does_not_match_inside_words():
-    config = SelfInstructConfig()
+    config = SelfInstructSettings(output=OUT)
     for text in ("List three fruits that are red.", "Summarise the paragraph about mapping software.", "写一首关于秋天的短诗。"):
         assert instruction_problem(text, config.min_words, config.max_words, config.blocked_words) is None, text
 
@@ -206,7 +196,7 @@ def test_seed_pool_and_seeded_rounds(tmp_path):
     own.write_text(json.dumps({"instruction": "Tell a joke."}) + "\n" + json.dumps({"instruction": "Sort it.", "input": "3 1 2"}) + "\n")
     mine = load_pool(own)
     assert mine[0].id.startswith("pool-") and mine[1].prompt_text() == "Sort it.\n\n3 1 2"
-    config = SelfInstructConfig(demos=4, machine_demos=2, requests_per_round=3)
+    config = SelfInstructSettings(output=OUT, demos=4, machine_demos=2, requests_per_round=3)
     new = [PoolItem(id=f"n{i}", instruction=f"new task {i}") for i in range(5)]
     first = round_requests(config, 2, seeds, new)
     assert first == round_requests(config, 2, seeds, new), "a round is the same every run"
@@ -214,11 +204,11 @@ def test_seed_pool_and_seeded_rounds(tmp_path):
     assert all(len(r.demos) == 4 and sum(d["instruction"].startswith("new task") for d in r.demos) == 2 for r in first)
     assert pick_operation(0, 1, "a", ["deepen", "breadth"]) == pick_operation(0, 1, "a", ["deepen", "breadth"])
     with pytest.raises(ValueError):
-        EvolConfig(operations=["deepen", "fly"])
+        EvolSettings(output=OUT, operations=["deepen", "fly"])
 
 
 def test_every_template_exists_in_both_languages():
-    names = ["self_instruct", "answer", "equal"] + [f"evol_{op}" for op in EvolConfig().operations]
+    names = ["self_instruct", "answer", "equal"] + [f"evol_{op}" for op in OPERATIONS]
     for name in names:
         for lang in ("en", "zh"):
             assert load_template(f"expand/{name}", lang).source.strip()
@@ -275,7 +265,7 @@ def test_evol_end_to_end_on_the_embedded_teacher(tmp_path):
     assert first.returncode == 0, first.stderr
     check_outputs(out, first.stdout, "evol-instruct")
     for r in rows(out):
-        assert r["meta"]["operation"] in EvolConfig().operations and r["meta"]["original"] in ("Name a fruit that is red.", "Explain what rain is.")
+        assert r["meta"]["operation"] in OPERATIONS and r["meta"]["original"] in ("Name a fruit that is red.", "Explain what rain is.")
     check_rerun(args, out, cache, first)
 
 
@@ -288,14 +278,12 @@ PROPOSE = (
 )
 
 
-def echo_teacher(server):
-    from synth.teachers import parse_teacher_spec
-
-    return parse_teacher_spec(f"openai:echo@{server.base_url}")
+def echo_teacher(server) -> str:
+    return f"openai:echo@{server.base_url}"
 
 
 def test_self_instruct_pool_growth_filters_dedup_and_answers_over_http(tmp_path):
-    from synth.generators.expand_selfinstruct import run_self_instruct
+    from synth.pipelines import self_instruct
     from synth.job import RunSettings
     from tests.fault_server import fault_server
 
@@ -304,11 +292,11 @@ def test_self_instruct_pool_growth_filters_dedup_and_answers_over_http(tmp_path)
              "Summarize the following news article about the local football club in three short sentences for a newsletter."]  # fmt: skip
     seeds.write_text("".join(json.dumps({"id": f"s{i}", "instruction": t}) + "\n" for i, t in enumerate(texts)))
     (tmp_path / "propose.jinja").write_text(PROPOSE)
-    config = SelfInstructConfig(seeds=seeds, target=3, max_rounds=3, requests_per_round=2, demos=5, machine_demos=1, per_request=5,
-                                template=str(tmp_path / "propose.jinja"))  # fmt: skip
     out, settings = tmp_path / "si.jsonl", RunSettings(cache_dir=tmp_path / "cache", progress=False)
     with fault_server(json_schema=False, json_object=False) as server:
-        result = run_self_instruct(config, out, echo_teacher(server), settings)
+        config = SelfInstructSettings(seeds=seeds, target=3, max_rounds=3, requests_per_round=2, demos=5, machine_demos=1, per_request=5,
+                                      template=str(tmp_path / "propose.jinja"), output=out, teacher=echo_teacher(server), run=settings)  # fmt: skip
+        result = self_instruct.run(config)
         sent = server.completed
         assert result.instructions == 3 and result.records == 3 and sent == result.requests_sent > 0
         records, rejects = rows(out), rows(tmp_path / "si.rejects.jsonl")
@@ -322,13 +310,13 @@ def test_self_instruct_pool_growth_filters_dedup_and_answers_over_http(tmp_path)
         pool = rows(tmp_path / "si.work" / "instructions.jsonl")
         assert [p["instruction"] for p in pool] == [r["prompt"][0]["content"] for r in sorted(records, key=lambda r: [p["id"] for p in pool].index(r["meta"]["instruction_id"]))]
 
-        again = run_self_instruct(config, out, echo_teacher(server), settings)
+        again = self_instruct.run(config)
         assert server.completed == sent and again.requests_sent == 0, "a rerun sends nothing"
         assert rows(out) == records and rows(tmp_path / "si.rejects.jsonl") == rejects
 
 
 def test_evol_elimination_and_survivors_over_http(tmp_path):
-    from synth.generators.expand_evol_run import run_evol
+    from synth.pipelines import evol
     from synth.job import RunSettings
     from tests.fault_server import fault_server
 
@@ -337,13 +325,14 @@ def test_evol_elimination_and_survivors_over_http(tmp_path):
     pool.write_text("".join(json.dumps({"id": f"p{i}", "instruction": t}) + "\n" for i, t in enumerate(texts)))
     (tmp_path / "deepen.jinja").write_text("Rewrite with more depth: {{ prompt }} Justify every claim with evidence.")
     (tmp_path / "breadth.jinja").write_text("#Created Prompt#: {{ prompt }}")
-    config = EvolConfig(input=pool, rounds=2, operations=["deepen", "breadth"], min_answer_words=2,
-                        templates={"deepen": str(tmp_path / "deepen.jinja"), "breadth": str(tmp_path / "breadth.jinja")})  # fmt: skip
-    ops = [pick_operation(0, 1, f"p{i}", config.operations) for i in range(len(texts))]
+    operations = ["deepen", "breadth"]
+    ops = [pick_operation(0, 1, f"p{i}", operations) for i in range(len(texts))]
     assert "deepen" in ops and "breadth" in ops, "the seeded draw covers both operations"
     out, settings = tmp_path / "evol.jsonl", RunSettings(cache_dir=tmp_path / "cache", progress=False)
     with fault_server(json_schema=False, json_object=False) as server:
-        run_evol(config, out, echo_teacher(server), settings)
+        config = EvolSettings(input=pool, rounds=2, operations=operations, min_answer_words=2, output=out, teacher=echo_teacher(server), run=settings,
+                              templates={"deepen": str(tmp_path / "deepen.jinja"), "breadth": str(tmp_path / "breadth.jinja")})  # fmt: skip
+        evol.run(config)
         records, rejects = rows(out), rows(tmp_path / "evol.rejects.jsonl")
         first = [r for r in records if r["meta"]["round"] == 1]
         assert sorted(r["meta"]["parent"] for r in first) == [f"p{i}" for i, op in enumerate(ops) if op == "deepen"]
@@ -354,13 +343,13 @@ def test_evol_elimination_and_survivors_over_http(tmp_path):
         assert all(r["meta"]["parent"] in {f["meta"]["instruction_id"] for f in first} | {f"p{i}" for i in range(5)} for r in second)
         sent = server.completed
 
-        again = run_evol(config, out, echo_teacher(server), settings)
+        again = evol.run(config)
         assert server.completed == sent and again.requests_sent == 0
         assert rows(out) == records and rows(tmp_path / "evol.rejects.jsonl") == rejects
 
 
 def test_evol_teacher_judged_information_gain_over_http(tmp_path):
-    from synth.generators.expand_evol_run import run_evol
+    from synth.pipelines import evol
     from synth.job import RunSettings
     from tests.fault_server import fault_server
 
@@ -368,10 +357,11 @@ def test_evol_teacher_judged_information_gain_over_http(tmp_path):
     pool.write_text(json.dumps({"id": "p0", "instruction": "Name a red fruit."}) + "\n")
     (tmp_path / "deepen.jinja").write_text("Rewrite with more depth: {{ prompt }} Justify every claim with evidence.")
     # The echo repeats the question, whose own words include "Not Equal": the verdict parser reads that as a gain.
-    config = EvolConfig(input=pool, operations=["deepen"], info_gain="teacher", judge_max_tokens=300, min_answer_words=2, templates={"deepen": str(tmp_path / "deepen.jinja")})
     out = tmp_path / "evol.jsonl"
     with fault_server(json_schema=False, json_object=False) as server:
-        result = run_evol(config, out, echo_teacher(server), RunSettings(cache_dir=tmp_path / "cache", progress=False))
+        result = evol.run(EvolSettings(input=pool, operations=["deepen"], info_gain="teacher", judge_max_tokens=300, min_answer_words=2,
+                                       templates={"deepen": str(tmp_path / "deepen.jinja")}, output=out, teacher=echo_teacher(server),
+                                       run=RunSettings(cache_dir=tmp_path / "cache", progress=False)))  # fmt: skip
     assert list(result.stages) == ["round-1-evolve", "round-1-judge", "round-1-answer"]
     assert result.stages["round-1-judge"].records == 1 and result.records == 1
     verdict = rows(tmp_path / "evol.work" / "round-1-judge.jsonl")[0]
@@ -379,17 +369,21 @@ def test_evol_teacher_judged_information_gain_over_http(tmp_path):
 
 
 def test_yaml_config_with_nested_dedup_and_flags_on_top(tmp_path):
-    import argparse
-
-    from distill.config_flags import add_config_flags, load_config
+    from distill.cli import build_parser
+    from distill.commands.common import pipeline_settings
     from synth.errors import ConfigError
 
-    parser = argparse.ArgumentParser()
-    add_config_flags(parser, SelfInstructConfig)
+    def settings(*flags: str) -> SelfInstructSettings:
+        args = build_parser().parse_args(["expand", "self-instruct", "--output", str(tmp_path / "si.jsonl"), *flags])
+        return pipeline_settings(args, SelfInstructSettings)
+
     path = tmp_path / "si.yaml"
     path.write_text("target: 7\nmax_rounds: 4\ndedup:\n  threshold: 0.8\n  shingle_size: 3\n")
-    config = load_config(parser.parse_args(["--config", str(path), "--target", "9", "--lang", "zh"]), SelfInstructConfig)
+    config = settings("--config", str(path), "--target", "9", "--lang", "zh")
     assert (config.target, config.max_rounds, config.lang, config.dedup.threshold, config.dedup.shingle_size) == (9, 4, "zh", 0.8, 3)
     path.write_text("dedup:\n  treshold: 0.8\n")
     with pytest.raises(ConfigError, match="treshold"):
-        load_config(parser.parse_args(["--config", str(path)]), SelfInstructConfig)
+        settings("--config", str(path))
+    path.write_text("output: other.jsonl\n")
+    with pytest.raises(ConfigError, match="key 'output': unknown key"):
+        settings("--config", str(path))

@@ -25,7 +25,8 @@ from synth.filters.verify import (
     reference_answer,
     register_checker,
 )
-from synth.generators.label import LabelConfig, LabelGenerator, LabelInput, LabelSample, decide, trim_after_answer
+from synth.generators.label import LabelGenerator, LabelInput, LabelOptions, LabelSample, decide, trim_after_answer
+from synth.pipelines.label import LabelSettings
 from synth.records import Provenance, SFTExample, SoftLabels
 from synth.teachers.base import ChatResponse, Completion
 from tests.fault_server import fault_server
@@ -84,7 +85,7 @@ def test_reference_answers_and_checker_registry():
     assert majority(["1", "2", "2.0", "1", "3"], numeric_checker) == [0, 3], "a tie goes to the answer seen first"
 
 
-def label(config: LabelConfig, question: str, texts: list[str], reference: str | None = "#### 72", lengths=()):
+def label(config: LabelOptions, question: str, texts: list[str], reference: str | None = "#### 72", lengths=()):
     """Run LabelGenerator.parse on recorded replies; sample i is cut off when i is in `lengths`."""
     gen = LabelGenerator(config, "openai:recorded")
     fields = {"question": question} if reference is None else {"question": question, "answer": reference}
@@ -95,7 +96,7 @@ def label(config: LabelConfig, question: str, texts: list[str], reference: str |
 
 def test_verified_keeps_matching_samples_and_rejects_the_rest_with_reasons():
     texts = [REPLIES[0][0], "So it is 70.\nAnswer: 70", "I cannot solve this.", "Answer: 72.00", REPLIES[-1][0]]
-    out = label(LabelConfig(n=5), "How many clips?", texts, lengths={4})
+    out = label(LabelOptions(n=5), "How many clips?", texts, lengths={4})
     assert [r.meta["answer"] for r in out.records] == ["72", "72.00"]
     reasons = sorted(r.reason for r in out.rejects)
     assert reasons == [
@@ -111,20 +112,20 @@ def test_verified_keeps_matching_samples_and_rejects_the_rest_with_reasons():
     assert trl["prompt"][0]["role"] == "user" and "How many clips?" in trl["prompt"][0]["content"]
     assert trl["completion"] == [{"role": "assistant", "content": texts[0]}]
     assert first.provenance.method == "label" and first.provenance.sample == 0
-    again = label(LabelConfig(n=5), "How many clips?", texts, lengths={4})
+    again = label(LabelOptions(n=5), "How many clips?", texts, lengths={4})
     assert [r.id for r in again.records] == [r.id for r in out.records], "ids are stable"
 
 
 def test_a_cut_sample_that_already_answered_is_kept_up_to_its_answer_line_with_its_soft_labels():
     rambling = "48 / 2 = 24, 48 + 24 = 72.\nAnswer: 72\n\nJustification: the steps above show that"
-    out = label(LabelConfig(n=2, keep="all"), "How many clips?", [rambling, REPLIES[-1][0]], lengths={0, 1})
+    out = label(LabelOptions(n=2, keep="all"), "How many clips?", [rambling, REPLIES[-1][0]], lengths={0, 1})
     assert [r.completion[0].content for r in out.records] == ["48 / 2 = 24, 48 + 24 = 72.\nAnswer: 72"]
     assert out.records[0].meta["finish_reason"] == "answer" and out.records[0].meta["answer"] == "72"
     assert [r.reason for r in out.rejects] == ["sample 1 of openai:recorded: truncated"], "no answer line: still truncated"
-    off = label(LabelConfig(n=2, keep="all", trim_truncated=False), "How many clips?", [rambling, REPLIES[-1][0]], lengths={0, 1})
+    off = label(LabelOptions(n=2, keep="all", trim_truncated=False), "How many clips?", [rambling, REPLIES[-1][0]], lengths={0, 1})
     assert not off.records and len(off.rejects) == 2
 
-    every = label(LabelConfig(n=3, keep="everything"), "How many clips?", [rambling, REPLIES[-1][0], "I cannot solve this."], lengths={0, 1})
+    every = label(LabelOptions(n=3, keep="everything"), "How many clips?", [rambling, REPLIES[-1][0], "I cannot solve this."], lengths={0, 1})
     assert not every.rejects and [r.meta["answer"] for r in every.records] == [None, None, "72"]
     assert [r.meta["finish_reason"] for r in every.records] == ["length", "stop", "answer"], "cut and unanswered kept as written"
     assert every.records[0].completion[0].content == REPLIES[-1][0]
@@ -143,36 +144,36 @@ def test_a_cut_sample_that_already_answered_is_kept_up_to_its_answer_line_with_i
 
 def test_majority_vote_keeps_the_majority_reasoning_and_breaks_ties_by_first_seen():
     texts = ["Answer: 8", "Answer: 8.0", "Answer: 9", "Answer: $8"]
-    out = label(LabelConfig(n=4, keep="majority"), "q", texts, reference=None)
+    out = label(LabelOptions(n=4, keep="majority"), "q", texts, reference=None)
     assert [r.provenance.sample for r in out.records] == [0, 1, 3]
     assert all(r.meta["verified"] is None and r.meta["agreement"] == 0.75 for r in out.records)
     assert [r.reason for r in out.rejects] == ["sample 2 of openai:recorded: minority answer (got 9, majority 8)"]
 
-    tie = label(LabelConfig(n=4, keep="majority"), "q", ["Answer: 5", "Answer: 7", "Answer: 7", "Answer: 5"], reference=None)
+    tie = label(LabelOptions(n=4, keep="majority"), "q", ["Answer: 5", "Answer: 7", "Answer: 7", "Answer: 5"], reference=None)
     assert [r.meta["answer"] for r in tie.records] == ["5", "5"], "a tie goes to the answer seen first"
-    flipped = label(LabelConfig(n=4, keep="majority"), "q", ["Answer: 7", "Answer: 5", "Answer: 5", "Answer: 7"], reference=None)
+    flipped = label(LabelOptions(n=4, keep="majority"), "q", ["Answer: 7", "Answer: 5", "Answer: 5", "Answer: 7"], reference=None)
     assert [r.meta["answer"] for r in flipped.records] == ["7", "7"]
 
-    low = label(LabelConfig(n=4, keep="majority", min_agreement=0.6), "q", ["Answer: 1", "Answer: 1", "Answer: 2", "x"], reference=None)
+    low = label(LabelOptions(n=4, keep="majority", min_agreement=0.6), "q", ["Answer: 1", "Answer: 1", "Answer: 2", "x"], reference=None)
     assert not low.records and sum("low agreement (2/4 < 0.6)" in r.reason for r in low.rejects) == 2
 
-    wrong_majority = label(LabelConfig(n=3, keep="majority"), "q", ["Answer: 5", "Answer: 5", "Answer: 72"])
+    wrong_majority = label(LabelOptions(n=3, keep="majority"), "q", ["Answer: 5", "Answer: 5", "Answer: 72"])
     assert not wrong_majority.records
     assert sorted(r.reason.split(": ", 1)[1].split(" (")[0] for r in wrong_majority.rejects) == ["minority answer", "wrong answer", "wrong answer"]
 
 
 def test_inputs_without_a_reference_use_self_consistency_unless_it_is_off():
     texts = ["Answer: 3", "Answer: 4", "Answer: 3"]
-    voted = label(LabelConfig(n=3), "q", texts, reference=None)
+    voted = label(LabelOptions(n=3), "q", texts, reference=None)
     assert [r.meta["answer"] for r in voted.records] == ["3", "3"] and len(voted.rejects) == 1
-    unvoted = label(LabelConfig(n=3, self_consistency=False), "q", texts, reference=None)
+    unvoted = label(LabelOptions(n=3, self_consistency=False), "q", texts, reference=None)
     assert len(unvoted.records) == 3 and not unvoted.rejects
-    everything = label(LabelConfig(n=3, keep="all"), "q", ["Answer: 1", "Answer: 72", "no idea"])
+    everything = label(LabelOptions(n=3, keep="all"), "q", ["Answer: 1", "Answer: 72", "no idea"])
     assert [r.meta["verified"] for r in everything.records] == [False, True] and len(everything.rejects) == 1
 
 
 def test_votes_across_teachers_are_counted_per_teacher():
-    config = LabelConfig(n=2, keep="majority")
+    config = LabelOptions(n=2, keep="majority")
     samples = []
     for teacher, texts in (("a", ["Answer: 6", "Answer: 7"]), ("b", ["Answer: 7", "Answer: 7.0"])):
         gen = LabelGenerator(config, teacher)
@@ -188,7 +189,7 @@ def test_config_file_flags_and_demonstrations(tmp_path):
     cfg = tmp_path / "label.yaml"
     cfg.write_text("keep: majority\nn: 8\nchecker: exact\ninstruction: Be careful.\n")
     args = build_parser().parse_args(["label", "--input", "x", "--output", "y", "--config", str(cfg), "-n", "3", "--lang", "zh"])
-    config = load_config(args, LabelConfig)
+    config = load_config(args, LabelSettings)
     assert (config.keep, config.n, config.checker, config.lang) == ("majority", 3, "exact", "zh")
     demos = tmp_path / "demos.jsonl"
     demos.write_text(GSM8K.read_text(encoding="utf-8").splitlines()[0] + "\n")

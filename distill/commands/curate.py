@@ -5,14 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from distill.commands.common import (
-    add_cache_flags,
-    add_teacher_flags,
-    run_settings,
-    teacher_config,
-)
-from distill.config_flags import add_config_flags, load_config
-from synth.generators.curate_run import CurateConfig, CurateResult, run_curate
+from distill.commands.common import add_cache_flags, add_teacher_flags, pipeline_settings
+from distill.config_flags import add_config_flags
+from synth.pipelines.curate import CurateResult, CurateSettings, run as run_curate
+from synth.pipelines.stages import PIPELINE_FIELDS
 
 
 def register(sub) -> None:
@@ -29,7 +25,7 @@ def register(sub) -> None:
         "is cached: a rerun sends nothing.",
     )
     p.add_argument("--output", required=True, type=Path, help="JSON Lines of SFT examples; rejects, coverage and tree go beside it")
-    add_config_flags(p, CurateConfig)
+    add_config_flags(p, CurateSettings, exclude=PIPELINE_FIELDS)
     add_teacher_flags(p)
     add_cache_flags(p)
     p.set_defaults(func=run)
@@ -37,9 +33,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the command."""
-    config = load_config(args, CurateConfig)
-    result = run_curate(config, args.output, teacher_config(args), run_settings(args))
-    print_result(result)
+    print_result(run_curate(pipeline_settings(args, CurateSettings)))
     return 0
 
 

@@ -8,13 +8,17 @@ from pathlib import Path
 from distill.commands.common import (
     add_cache_flags,
     add_teacher_flags,
+    pipeline_settings,
     run_settings,
-    teacher_config,
+    teacher_overrides,
 )
 from distill.config_flags import add_config_flags, load_config
-from synth.generators.expand import ExpandResult
-from synth.generators.expand_evol_run import EvolConfig, run_evol
-from synth.generators.expand_selfinstruct import SelfInstructConfig, run_self_instruct
+from synth.pipelines import evol, self_instruct
+from synth.pipelines.expand import ExpandResult
+from synth.pipelines.stages import PIPELINE_FIELDS
+
+#: Evol reads its instructions (--input) and --limit as settings like any other, from flags or --config.
+EVOL_OWN_FIELDS = PIPELINE_FIELDS - {"input", "limit"}
 
 
 def register(sub) -> None:
@@ -38,7 +42,7 @@ def register(sub) -> None:
         "the pool, until --target are collected or --max-rounds pass; then each is answered. The new instructions "
         "are also written to OUT.work/instructions.jsonl.",
     )
-    _common(si, SelfInstructConfig)
+    _common(si, self_instruct.SelfInstructSettings, PIPELINE_FIELDS)
     si.set_defaults(func=run_si)
     ev = methods.add_parser(
         "evol",
@@ -49,20 +53,20 @@ def register(sub) -> None:
         "--info-gain teacher to ask the teacher), near-duplicate an accepted instruction, or get a refusal or a "
         "too-short answer. Survivors are kept and evolve further in the next round.",
     )
-    _common(ev, EvolConfig)
+    _common(ev, evol.EvolSettings, EVOL_OWN_FIELDS)
     ev.set_defaults(func=run_ev)
 
 
-def _common(p: argparse.ArgumentParser, model) -> None:
+def _common(p: argparse.ArgumentParser, model, own_fields) -> None:
     p.add_argument("--output", required=True, type=Path, help="JSON Lines of SFT examples; OUT.rejects.jsonl and the OUT.work/ stages go beside it")
-    add_config_flags(p, model)
+    add_config_flags(p, model, exclude=own_fields)
     add_teacher_flags(p)
     add_cache_flags(p)
 
 
 def run_si(args: argparse.Namespace) -> int:
     """Run `expand self-instruct`."""
-    result = run_self_instruct(load_config(args, SelfInstructConfig), args.output, teacher_config(args), run_settings(args))
+    result = self_instruct.run(pipeline_settings(args, self_instruct.SelfInstructSettings))
     print(f"new instructions: {result.instructions} in {result.rounds} rounds")
     print_result(result)
     return 0
@@ -70,7 +74,8 @@ def run_si(args: argparse.Namespace) -> int:
 
 def run_ev(args: argparse.Namespace) -> int:
     """Run `expand evol`."""
-    result = run_evol(load_config(args, EvolConfig), args.output, teacher_config(args), run_settings(args))
+    settings = load_config(args, evol.EvolSettings, flags_only=EVOL_OWN_FIELDS)
+    result = evol.run(settings.model_copy(update={"run": run_settings(args), "teacher_overrides": teacher_overrides(args)}))
     print(f"evolved instructions kept: {result.instructions} over {result.rounds} rounds")
     print_result(result)
     return 0

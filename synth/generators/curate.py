@@ -1,7 +1,7 @@
 """Curation from meta-information: the three generators and the parsers they share.
 
 Stages: grow a topic tree (optional) → questions x ~ p(x | I ⊕ m) for each cell of
-meta-information m → answers y ~ p(y | I ⊕ x). The driver is synth/generators/curate_run.py.
+meta-information m → answers y ~ p(y | I ⊕ x). The pipeline is synth/pipelines/curate.py.
 """
 
 from __future__ import annotations

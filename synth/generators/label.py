@@ -51,8 +51,8 @@ class Demonstration(BaseModel):
     answer: str
 
 
-class LabelConfig(BaseModel):
-    """Settings of `distill label`; every default runs."""
+class LabelOptions(BaseModel):
+    """How inputs are labeled: the options of `distill label` that sampling and voting read; every default runs."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -159,7 +159,7 @@ class LabelGenerator(Generator):
     method = "label"
     input_model = LabelInput
 
-    def __init__(self, config: LabelConfig, teacher_name: str, tokenizer: str | None = None):
+    def __init__(self, config: LabelOptions, teacher_name: str, tokenizer: str | None = None):
         template = load_template(config.template, config.lang)
         super().__init__(config.sampling(), teacher_name, template)
         self.config = config
@@ -236,7 +236,7 @@ class SampleGenerator(LabelGenerator):
         return Outcome(records=list(self.samples(task, request, response)))
 
 
-def decide(samples: list[LabelSample], config: LabelConfig, checker: Checker) -> Decision:
+def decide(samples: list[LabelSample], config: LabelOptions, checker: Checker) -> Decision:
     """Keep or reject each sample of one input (all teachers' samples, in a fixed order).
 
     Ties in a vote go to the answer that appeared first (teacher order, then sample index).

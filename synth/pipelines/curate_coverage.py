@@ -1,4 +1,4 @@
-"""The coverage summary of a curation run: questions and records per cell, as JSON and a Markdown table."""
+"""The coverage report of a curation run: questions and records per cell, as JSON and a Markdown table beside the output."""
 
 from __future__ import annotations
 

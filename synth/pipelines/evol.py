@@ -1,7 +1,8 @@
-"""Runs Evol-Instruct: per round, evolve → eliminate (→ judge) → dedup → answer; then one output and one rejects file.
+"""Evol-Instruct: per round, evolve → eliminate (→ judge) → dedup → answer; then one output and one rejects file.
 
-Every round's stages are jobs (cached, journaled), read back in a fixed order, so a rerun
-sends nothing and rebuilds the same pool, output and rejects. The rules are in expand_evol.py.
+Every round's stages are jobs (`OUT.work/round-N-evolve.jsonl`, `-judge`, `-answer`),
+cached and journaled, read back in a fixed order, so a rerun sends nothing and rebuilds
+the same pool, output and rejects. The elimination rules are in synth/generators/expand_evol.py.
 """
 
 from __future__ import annotations
@@ -13,15 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from synth.filters.dedup import DedupSettings, Deduplicator, DedupStats
-from synth.generators.expand import (
-    AnswerGenerator,
-    AnswerInput,
-    ExpandResult,
-    load_pool,
-    stage_rejects,
-    tagged,
-    write_rejects,
-)
+from synth.generators.expand import AnswerGenerator, AnswerInput
 from synth.generators.expand_evol import (
     OPERATIONS,
     EvolInput,
@@ -37,20 +30,26 @@ from synth.generators.expand_evol import (
 )
 from synth.io import read_jsonl
 from synth.job import JobSummary, RunSettings, run_job
-from synth.layout import read_rows, rejects_path, stage_output, write_jsonl_atomic
+from synth.layout import check_output, read_rows, rejects_path, stage_output, write_jsonl_atomic
+from synth.pipelines.expand import ExpandResult, load_pool, stage_rejects, tagged, write_rejects
 from synth.prompts import load_template
 from synth.records import Reject
-from synth.teachers import SamplingParams, TeacherConfig, build_teacher
+from synth.teachers import SamplingParams, TeacherOverrides, build_teacher, resolve_teacher
 from synth.teachers.base import Teacher
 
 
-class EvolConfig(BaseModel):
+class EvolSettings(BaseModel):
     """Settings of `distill expand evol`; every default runs."""
 
     model_config = ConfigDict(extra="forbid")
 
     input: Path | None = Field(None, description="JSONL of instructions ({instruction, input?} or Self-Instruct's seed format; default: the shipped seed tasks).")
     limit: int | None = Field(None, ge=1, description="Evolve only the first N instructions.")
+    output: Path = Field(description="JSON Lines of SFT examples; OUT.rejects.jsonl and the OUT.work/ stages go beside it.")
+    teacher: str = Field("embedded", description="The teacher spec: embedded, hf:PATH, vllm:MODEL, openai:MODEL@BASE_URL, or a teacher .yaml file.")
+    teacher_overrides: TeacherOverrides = TeacherOverrides()
+    run: RunSettings = Field(default_factory=RunSettings, description="Cache, progress and restart (the cache flags).")
+
     rounds: int = Field(1, ge=1, le=10, description="Evolution rounds; survivors are evolved again in the next.")
     operations: list[str] = Field(default_factory=lambda: list(OPERATIONS), description="Operations drawn from: constraints, deepen, concretize, reasoning, complicate_input, breadth.")
     info_gain: Literal["heuristic", "teacher"] = Field("heuristic", description="How 'no information gain' is decided: a word-level heuristic, or by asking the teacher.")
@@ -96,20 +95,18 @@ class _Node(BaseModel):
     lineage: list[str]
 
 
-def run_evol(config: EvolConfig, output: str | Path, teacher: Teacher | TeacherConfig, settings: RunSettings | None = None) -> ExpandResult:
-    """Every round on one teacher (built here and closed when given a config); reruns send nothing."""
-    owned = isinstance(teacher, TeacherConfig)
-    if owned:
-        teacher = build_teacher(teacher)
+def run(settings: EvolSettings) -> ExpandResult:
+    """Every round on one teacher, built here and closed at the end; reruns send nothing."""
+    check_output(settings.output, [settings.input] if settings.input else [])
+    teacher = build_teacher(resolve_teacher(settings.teacher, settings.teacher_overrides))
     try:
-        return _Run(config, Path(output), teacher, settings or RunSettings()).run()
+        return _Run(settings, settings.output, teacher, settings.run).run()
     finally:
-        if owned:
-            asyncio.run(teacher.aclose())
+        asyncio.run(teacher.aclose())
 
 
 class _Run:
-    def __init__(self, config: EvolConfig, output: Path, teacher: Teacher, settings: RunSettings):
+    def __init__(self, config: EvolSettings, output: Path, teacher: Teacher, settings: RunSettings):
         self.c, self.output, self.teacher, self.settings = config, output, teacher, settings
         self.dedup = Deduplicator(config.dedup)
         self.stages: dict[str, JobSummary] = {}

@@ -1,4 +1,9 @@
-"""Runs curation end to end: (grow a tree,) cells, questions, dedup, answers, rejects, coverage."""
+"""Curation end to end: (grow a tree,) cells, questions, dedup, answers, rejects, coverage.
+
+Stages are jobs into `OUT.work/` (`tree-N.jsonl`, `questions.jsonl`); the answers job
+writes the output itself. A grown tree goes beside the output as `OUT.tree.yaml`, the
+coverage report as `OUT.coverage.json` and `OUT.coverage.md`.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +28,6 @@ from synth.generators.curate import (
     TopicNode,
     request_schema,
 )
-from synth.generators.curate_coverage import beside, write_coverage, write_text_atomic
 from synth.generators.curate_taxonomy import (
     Cell,
     Taxonomy,
@@ -35,20 +39,26 @@ from synth.generators.curate_taxonomy import (
 )
 from synth.io import read_jsonl
 from synth.job import JobSummary, RunSettings, run_job
-from synth.layout import read_rows, rejects_path, stage_output, write_jsonl_atomic
+from synth.layout import check_output, read_rows, rejects_path, stage_output, write_jsonl_atomic, write_text_atomic
+from synth.pipelines.curate_coverage import beside, write_coverage
 from synth.prompts import load_template
 from synth.records import Reject
-from synth.teachers import SamplingParams, TeacherConfig, build_teacher
+from synth.teachers import SamplingParams, TeacherOverrides, build_teacher, resolve_teacher
 from synth.teachers.base import Teacher
 
 _DEFAULT_TASKS = {"en": ["open question", "worked problem", "explanation"], "zh": ["开放性问题", "计算题", "概念解释"]}
 _DEFAULT_LEVELS = {"en": ["easy", "medium", "hard"], "zh": ["简单", "中等", "困难"]}
 
 
-class CurateConfig(BaseModel):
+class CurateSettings(BaseModel):
     """Settings of `distill curate`; every default runs."""
 
     model_config = ConfigDict(extra="forbid")
+
+    output: Path = Field(description="JSON Lines of SFT examples; rejects, coverage and tree go beside it.")
+    teacher: str = Field("embedded", description="The teacher spec: embedded, hf:PATH, vllm:MODEL, openai:MODEL@BASE_URL, or a teacher .yaml file.")
+    teacher_overrides: TeacherOverrides = TeacherOverrides()
+    run: RunSettings = Field(default_factory=RunSettings, description="Cache, progress and restart (the cache flags).")
 
     taxonomy: str | None = Field(None, description="Taxonomy YAML file, or the name of a shipped one (math_en, zh_general).")
     root_topic: str | None = Field(None, description="Grow a topic tree from this root topic instead of reading a taxonomy.")
@@ -82,7 +92,7 @@ class CurateConfig(BaseModel):
         return value.strip() if value else value
 
     @model_validator(mode="after")
-    def _one_source(self) -> "CurateConfig":
+    def _one_source(self) -> "CurateSettings":
         if (self.taxonomy is None) == (self.root_topic is None):
             raise ValueError("give either taxonomy (--taxonomy FILE) or root_topic (--root-topic TOPIC), not both and not neither")
         if self.taxonomy is not None and (self.task_types or self.difficulties):
@@ -109,20 +119,20 @@ class CurateResult:
     stages: dict[str, JobSummary] = field(default_factory=dict)
 
 
-def run_curate(config: CurateConfig, output: str | Path, teacher: Teacher | TeacherConfig, settings: RunSettings | None = None) -> CurateResult:
-    """Every stage on one teacher (built here and closed when given a config); reruns send nothing."""
-    output = Path(output)
-    owned = isinstance(teacher, TeacherConfig)
-    if owned:
-        teacher = build_teacher(teacher)
+def run(settings: CurateSettings) -> CurateResult:
+    """Every stage on one teacher, built here and closed at the end; reruns send nothing."""
+    output = settings.output
+    tree = [beside(output, ".tree.yaml")] if settings.root_topic is not None else []
+    inputs = [settings.taxonomy] if settings.taxonomy is not None else []
+    check_output(output, inputs, also=[*tree, beside(output, ".coverage.json"), beside(output, ".coverage.md")])
+    teacher = build_teacher(resolve_teacher(settings.teacher, settings.teacher_overrides))
     try:
-        return _run(config, output, teacher, settings or RunSettings())
+        return _run(settings, output, teacher, settings.run)
     finally:
-        if owned:
-            asyncio.run(teacher.aclose())
+        asyncio.run(teacher.aclose())
 
 
-def _run(config: CurateConfig, output: Path, teacher: Teacher, settings: RunSettings) -> CurateResult:
+def _run(config: CurateSettings, output: Path, teacher: Teacher, settings: RunSettings) -> CurateResult:
     stages: dict[str, JobSummary] = {}
     tree = None
     if config.taxonomy is not None:
@@ -184,7 +194,7 @@ def _run(config: CurateConfig, output: Path, teacher: Teacher, settings: RunSett
     )  # fmt: skip
 
 
-def grow_tree(config: CurateConfig, output: Path, teacher: Teacher, settings: RunSettings, stages: dict[str, JobSummary]) -> Taxonomy:
+def grow_tree(config: CurateSettings, output: Path, teacher: Teacher, settings: RunSettings, stages: dict[str, JobSummary]) -> Taxonomy:
     """Grow the topic tree level by level from `config.root_topic`; a topic whose reply fails stays a leaf."""
     template = load_template("curate/subtopics", config.lang)
     params = SamplingParams(
@@ -234,7 +244,7 @@ def dedup_questions(questions: list[QuestionRecord]) -> tuple[list[QuestionRecor
     return kept, rejects
 
 
-def _cell_input(cell: Cell, config: CurateConfig) -> CellInput:
+def _cell_input(cell: Cell, config: CurateSettings) -> CellInput:
     return CellInput(
         cell=cell.id, topic=list(cell.topic), topic_description=cell.topic_description,
         task_type=cell.task_type.name, task_description=cell.task_type.description,
