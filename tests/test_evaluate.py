@@ -11,7 +11,7 @@ import pytest
 from synth.errors import ConfigError, InputError
 from tests.tiny_models import make_tiny_llama
 from trainers import eval_metrics as em
-from synth.generators.label import LabelConfig, LabelGenerator, LabelInput
+from synth.generators.label import LabelGenerator, LabelInput, LabelOptions
 from trainers.evaluate import EvalConfig, evaluate, load_items, teacher_model_dir
 
 PROMPTS = [
@@ -149,14 +149,14 @@ def test_prompt_shapes_and_bad_prompt_files(tmp_path):
     assert [it.id for it in load_items(EvalConfig(prompts=path, skip=1, limit=1))] == ["2"]
     demos = Path(__file__).resolve().parent.parent / "data" / "gsm8k" / "demonstrations.jsonl"
     shown = load_items(EvalConfig(prompts=path, limit=1, demonstrations=demos))[0].messages
-    labeled = LabelGenerator(LabelConfig(demonstrations=demos), "x").messages(LabelInput(question="What is 2 + 2?"), "p.jsonl:1")
+    labeled = LabelGenerator(LabelOptions(demonstrations=demos), "x").messages(LabelInput(question="What is 2 + 2?"), "p.jsonl:1")
     assert shown == [m.model_dump() for m in labeled] and "Steve finds 100 gold bars" in shown[0]["content"], "the prompt labeling used"
     plain = tmp_path / "plain.jinja"
     plain.write_text("{{ question }}")
     with pytest.raises(ConfigError, match="does not show demonstrations"):
         load_items(EvalConfig(prompts=path, limit=1, template=str(plain), demonstrations=demos))
     with pytest.raises(ConfigError, match="does not show demonstrations"):
-        LabelGenerator(LabelConfig(template=str(plain), demonstrations=demos), "x")
+        LabelGenerator(LabelOptions(template=str(plain), demonstrations=demos), "x")
     path.write_text(json.dumps({"text": "no question here"}) + "\n")
     with pytest.raises(InputError, match=r"p.jsonl:1: needs a 'question' or a 'prompt'"):
         load_items(EvalConfig(prompts=path))
