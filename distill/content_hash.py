@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -76,10 +77,11 @@ def file_digest(path: Path) -> str:
 
 
 def kept_digests_path() -> Path:
-    """Where big files' digests are kept between runs."""
+    """Where big files' digests are kept between runs: $BBD_DIGEST_CACHE, else in the cache home."""
     from synth.paths import cache_home
 
-    return cache_home() / "content-hashes.json"
+    explicit = os.environ.get("BBD_DIGEST_CACHE")
+    return Path(explicit).expanduser() if explicit else cache_home() / "content-hashes.json"
 
 
 def _named(value: str, seen: set[Path]) -> Iterator[Path]:

@@ -25,6 +25,7 @@ ISOLATED_ENV = {
     "HF_HOME": SESSION_HOME / "huggingface",
     "HF_DATASETS_CACHE": SESSION_HOME / "huggingface" / "datasets",
     "BBD_RESPONSE_CACHE": SESSION_HOME / "responses",
+    "BBD_DIGEST_CACHE": SESSION_HOME / "content-hashes.json",
     "MPLCONFIGDIR": SESSION_HOME / "matplotlib",
 }
 for _name, _path in ISOLATED_ENV.items():

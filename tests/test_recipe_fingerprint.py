@@ -168,7 +168,7 @@ def test_a_big_file_is_read_again_only_after_it_changes(tmp_path, monkeypatch):
     monkeypatch.setattr(content_hash, "KEEP_DIGEST_BYTES", 0)
     monkeypatch.setattr(content_hash, "_SETTLED_S", -1.0)
     monkeypatch.setattr(content_hash, "_kept", None)
-    monkeypatch.setattr(content_hash, "kept_digests_path", lambda: tmp_path / "kept.json")
+    monkeypatch.setenv("BBD_DIGEST_CACHE", str(tmp_path / "kept.json"))
     weights = tmp_path / "w.bin"
     weights.write_bytes(b"a" * 4096)
     first = content_hash.file_digest(weights)
