@@ -254,6 +254,15 @@ def test_multi_stage_commands_refuse_a_users_file_as_output(command, tmp_path, s
     assert server.received == 0 and mine.read_text() == USER_LINE
 
 
+@pytest.mark.parametrize("command,side", [("curate", "out.tree.yaml"), ("curate", "out.coverage.md"), ("expand-self-instruct", "out.work/instructions.jsonl")])
+def test_multi_stage_commands_refuse_a_folder_where_a_side_file_goes(command, side, tmp_path, server, capsys):
+    (tmp_path / side).mkdir(parents=True)
+    args = ["curate", "--root-topic", "cooking"] if command == "curate" else ["expand", "self-instruct"]
+    assert distill_main([*args, "--teacher", _teacher(server), "--output", str(tmp_path / "out.jsonl"), "--cache-dir", str(tmp_path / "cache")]) == 1
+    assert f"{tmp_path / side}: is a directory" in _error(capsys)
+    assert server.received == 0 and not (tmp_path / "out.jsonl").exists()
+
+
 # -- a journal left by another job ------------------------------------------------------------------
 
 
