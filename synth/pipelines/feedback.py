@@ -19,7 +19,7 @@ from synth.generators.feedback_critique import CritiqueGenerator, all_critique_r
 from synth.generators.feedback_pairwise import PairwiseGenerator, pair_items, pairwise_records
 from synth.generators.feedback_rate import DEFAULT_ASPECTS, RateGenerator, rate_items, rate_records
 from synth.job import RunSettings
-from synth.layout import sibling, write_jsonl_atomic
+from synth.layout import check_output, sibling, write_jsonl_atomic
 from synth.pipelines.stages import PIPELINE_FIELDS, StagedResult, Stages, TeacherPool, read_inputs
 from synth.prompts import load_template
 from synth.records import Provenance, stable_id
@@ -83,6 +83,7 @@ def run(settings: FeedbackSettings) -> FeedbackResult:
         raise ConfigError("the same judge is named twice: a panel needs distinct judges")
     template = load_template(f"feedback/{settings.mode}", settings.lang)
 
+    check_output(settings.output, [settings.input], also=[sibling(settings.output, kind) for kind in ("sft", "pairs")])
     stages = Stages(settings.output, settings.run, TeacherPool())
     try:
         # Built now (cheap: models load on first use) so a clash of names fails before any work.

@@ -19,7 +19,7 @@ from synth.generators.feedback_rate import DEFAULT_ASPECTS, RateGenerator, panel
 from synth.generators.raw import RawGenerator, TemplateInput
 from synth.generators.self_knowledge import best_index, consistency_scores, self_records
 from synth.job import RunSettings
-from synth.layout import sibling, write_jsonl_atomic
+from synth.layout import check_output, sibling, write_jsonl_atomic
 from synth.pipelines.stages import PIPELINE_FIELDS, StagedResult, Stages, TeacherPool, read_inputs
 from synth.prompts import load_template
 from synth.records import Provenance
@@ -67,6 +67,7 @@ def run(settings: SelfSettings) -> SelfResult:
     inputs = read_inputs(settings.input, settings.limit)
     student = resolve_teacher(settings.student, settings.teacher_overrides)
     templates = {name: load_template(f"self/{name}", settings.lang) for name in ("reward", "critique", "refine")}
+    check_output(settings.output, [settings.input], also=[sibling(settings.output, kind) for kind in ("sft", "pairs")])
     stages = Stages(settings.output, settings.run, TeacherPool())
     try:
         params = SamplingParams(temperature=settings.temperature, max_tokens=settings.max_tokens, n=settings.samples, seed=settings.seed)
