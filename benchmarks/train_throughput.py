@@ -185,11 +185,13 @@ def variant(args) -> dict:
                              activation_checkpointing=args.gradient_checkpointing)  # fmt: skip
         trainer = SFTTrainer(model=model, args=sft_args, train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(c["model"]))
     elif args.variant == "sft":
-        from trainers.sft import SFTSettings, build_trainer
+        from trainers.settings import SFTSettings
+        from trainers.sft import build_trainer
 
         trainer, _ = build_trainer(SFTSettings(**common(args)))
     else:  # kd, or kd-full: the full-logits path (chunk_size 0)
-        from trainers.kd import KDSettings, build_trainer
+        from trainers.kd import build_trainer
+        from trainers.settings import KDSettings
 
         chunk = {"chunk_size": 0} if args.variant == "kd-full" else {}
         trainer, _, _ = build_trainer(KDSettings(**common(args), alpha=0.5, temperature=1.0, divergence=args.divergence, **chunk))

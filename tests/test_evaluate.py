@@ -12,7 +12,8 @@ from synth.errors import ConfigError, InputError
 from tests.tiny_models import make_tiny_llama
 from trainers import eval_metrics as em
 from synth.generators.label import LabelGenerator, LabelInput, LabelOptions
-from trainers.evaluate import EvalConfig, evaluate, load_items, teacher_model_dir
+from trainers.evaluate import evaluate, load_items, teacher_model_dir
+from trainers.settings import EvalSettings
 
 PROMPTS = [
     {"question": "Tom has 3 apples and buys 4 more. How many apples does he have?", "answer": "3 + 4 = 7\n#### 7"},
@@ -38,12 +39,12 @@ def setup(tmp_path_factory):
     return {"root": root, "students": students, "prompts": prompts, "cache": root / "cache"}
 
 
-def config(setup, out, **kw) -> EvalConfig:
+def config(setup, out, **kw) -> EvalSettings:
     base = dict(
         students=[str(p) for p in setup["students"]], teacher="embedded", prompts=setup["prompts"], output_dir=out,
         max_new_tokens=4, teacher_max_tokens=16, cache_dir=setup["cache"], template=None,
     )  # fmt: skip
-    return EvalConfig(**(base | kw))
+    return EvalSettings(**(base | kw))
 
 
 def test_every_metric_and_the_report(setup, tmp_path):
@@ -140,25 +141,25 @@ def test_prompt_shapes_and_bad_prompt_files(tmp_path):
         {"id": "chat", "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1 + 1?"}]},
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    items = load_items(EvalConfig(prompts=path, template=None))
+    items = load_items(EvalSettings(prompts=path, template=None))
     assert [it.reference for it in items] == ["4", "red", None]
     assert items[0].messages == [{"role": "user", "content": "What is 2 + 2?"}]
     assert items[2].id == "chat" and items[2].question == "1 + 1?" and len(items[2].messages) == 2
-    templated = load_items(EvalConfig(prompts=path, limit=1))
+    templated = load_items(EvalSettings(prompts=path, limit=1))
     assert "What is 2 + 2?" in templated[0].messages[0]["content"] and "Answer:" in templated[0].messages[0]["content"]
-    assert [it.id for it in load_items(EvalConfig(prompts=path, skip=1, limit=1))] == ["2"]
+    assert [it.id for it in load_items(EvalSettings(prompts=path, skip=1, limit=1))] == ["2"]
     demos = Path(__file__).resolve().parent.parent / "data" / "gsm8k" / "demonstrations.jsonl"
-    shown = load_items(EvalConfig(prompts=path, limit=1, demonstrations=demos))[0].messages
+    shown = load_items(EvalSettings(prompts=path, limit=1, demonstrations=demos))[0].messages
     labeled = LabelGenerator(LabelOptions(demonstrations=demos), "x").messages(LabelInput(question="What is 2 + 2?"), "p.jsonl:1")
     assert shown == [m.model_dump() for m in labeled] and "Steve finds 100 gold bars" in shown[0]["content"], "the prompt labeling used"
     plain = tmp_path / "plain.jinja"
     plain.write_text("{{ question }}")
     with pytest.raises(ConfigError, match="does not show demonstrations"):
-        load_items(EvalConfig(prompts=path, limit=1, template=str(plain), demonstrations=demos))
+        load_items(EvalSettings(prompts=path, limit=1, template=str(plain), demonstrations=demos))
     with pytest.raises(ConfigError, match="does not show demonstrations"):
         LabelGenerator(LabelOptions(template=str(plain), demonstrations=demos), "x")
     path.write_text(json.dumps({"text": "no question here"}) + "\n")
     with pytest.raises(InputError, match=r"p.jsonl:1: needs a 'question' or a 'prompt'"):
-        load_items(EvalConfig(prompts=path))
+        load_items(EvalSettings(prompts=path))
     assert teacher_model_dir("openai:gpt-4o-mini@http://127.0.0.1:9/v1") is None
     assert (teacher_model_dir("embedded") / "config.json").is_file()

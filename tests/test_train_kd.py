@@ -160,7 +160,7 @@ def write_kd_records(path, teacher_dir, count=16, k=8, strings=False, messages=F
 
 
 def kd_settings(model, data, out, **kw):
-    from trainers.kd import KDSettings
+    from trainers.settings import KDSettings
 
     base = dict(model=str(model), data=data, output_dir=out, max_steps=2, learning_rate=3e-3, batch_size=4, max_length=64, alpha=0.0)
     return KDSettings(**{**base, **kw})
@@ -318,7 +318,8 @@ def test_distill_train_kd_from_the_command_line(models, tmp_path):
 
 
 def test_gkd_lowers_its_divergence_to_a_local_teacher(models, tmp_path):
-    from trainers.gkd import GKDSettings, train
+    from trainers.gkd import train
+    from trainers.settings import GKDSettings
 
     data = write_sft_records(tmp_path / "sft.jsonl", 8)
     cfg = GKDSettings(model=str(models["student"]), teacher_model=str(models["teacher"]), data=data, output_dir=tmp_path / "gkd",

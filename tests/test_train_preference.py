@@ -15,10 +15,9 @@ from pydantic import ValidationError
 
 from distill.cli import main as distill_main
 from tests.tiny_models import make_tiny_llama, write_preference_records
-from trainers.dpo import DPOSettings
 from trainers.dpo import train as train_dpo
-from trainers.reward import RewardSettings
 from trainers.reward import train as train_reward
+from trainers.settings import DPOSettings, RewardSettings
 
 
 @pytest.fixture(scope="module")

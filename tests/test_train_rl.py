@@ -135,7 +135,8 @@ def test_the_toy_reward_model_likes_digits(reward_dir):
 
 
 def test_ppo_raises_the_reward(tiny, reward_dir, tmp_path):
-    from trainers.ppo import PPOSettings, train
+    from trainers.ppo import train
+    from trainers.settings import PPOSettings
 
     data = write_sft_records(tmp_path / "sft.jsonl", 16)  # the prompts of SFT records
     out = tmp_path / "ppo"
@@ -149,7 +150,8 @@ def test_ppo_killed_after_a_checkpoint_resumes_from_it(tiny, reward_dir, tmp_pat
     """TRL's PPOTrainer has no resume; ours continues policy, value model, optimizer, schedule and counts."""
     from transformers import TrainerCallback
 
-    from trainers.ppo import PPOSettings, build_trainer, train
+    from trainers.ppo import build_trainer, train
+    from trainers.settings import PPOSettings
 
     class Killed(Exception):
         pass
@@ -191,7 +193,8 @@ def test_ppo_killed_after_a_checkpoint_resumes_from_it(tiny, reward_dir, tmp_pat
 
 
 def test_grpo_raises_the_reward(tiny, reward_dir, tmp_path):
-    from trainers.grpo import GRPOSettings, train
+    from trainers.grpo import train
+    from trainers.settings import GRPOSettings
 
     data = write_preference_records(tmp_path / "pairs.jsonl", 16)  # the prompts of preference pairs
     out = tmp_path / "grpo"
@@ -204,7 +207,8 @@ def test_grpo_raises_the_reward(tiny, reward_dir, tmp_path):
 
 
 def test_rloo_raises_the_reward_from_a_plain_prompt_file(tiny, reward_dir, tmp_path):
-    from trainers.rloo import RLOOSettings, train
+    from trainers.rloo import train
+    from trainers.settings import RLOOSettings
 
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"What color is the {t}?"}]}) + "\n" for t in ("apple", "sky", "coal", "snow")))
@@ -216,7 +220,8 @@ def test_rloo_raises_the_reward_from_a_plain_prompt_file(tiny, reward_dir, tmp_p
 def test_ppo_with_lora_saves_a_merged_policy(tiny, reward_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from trainers.ppo import PPOSettings, train
+    from trainers.ppo import train
+    from trainers.settings import PPOSettings
 
     out = tmp_path / "ppo-lora"
     settings = dict(COMMON, max_steps=2, reward_eval_prompts=2, reward_eval_samples=2)
@@ -239,7 +244,8 @@ def test_plain_text_prompts_and_their_errors(tmp_path):
 
 
 def test_a_causal_lm_is_refused_as_reward_model(tiny, tmp_path):
-    from trainers.grpo import GRPOSettings, train
+    from trainers.grpo import train
+    from trainers.settings import GRPOSettings
 
     data = write_sft_records(tmp_path / "sft.jsonl", 4)
     with pytest.raises(ConfigError, match="not a sequence-classification model"):
@@ -247,7 +253,8 @@ def test_a_causal_lm_is_refused_as_reward_model(tiny, tmp_path):
 
 
 def test_num_generations_must_divide_the_batch(tiny, reward_dir, tmp_path):
-    from trainers.rloo import RLOOSettings, train
+    from trainers.rloo import train
+    from trainers.settings import RLOOSettings
 
     data = write_sft_records(tmp_path / "sft.jsonl", 4)
     with pytest.raises(ConfigError, match="num_generations=3 must divide batch_size x grad_accum = 4"):

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +16,9 @@ from tests.tiny_models import (
     write_preference_records,
     write_sft_records,
 )
-from trainers.sft import SFTSettings, train
+from trainers import METHODS
+from trainers.settings import SFTSettings
+from trainers.sft import train
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +70,17 @@ def test_training_on_the_cpu_flushes_denormal_floats(tmp_path):
         assert (torch.tensor([1e-39]) * 1.0).item() == 0.0
     finally:
         torch.set_flush_denormal(False)
+
+
+def test_each_method_in_the_table_is_a_trainer_module_whose_first_docstring_line_is_its_help():
+    for name, method in METHODS.items():
+        module = importlib.import_module(method.module)
+        assert callable(module.train), name
+        assert module.__doc__.strip().splitlines()[0] == method.summary, name
+
+
+def test_building_the_cli_imports_no_trainer_and_no_torch():
+    code = "import sys; from distill.cli import build_parser; build_parser(); print(sorted(m for m in sys.modules if m.startswith(('trainers', 'torch', 'trl'))))"
+    root = Path(__file__).resolve().parents[1]
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "['trainers', 'trainers.settings']"

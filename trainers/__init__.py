@@ -1,17 +1,66 @@
-"""Distillation on TRL. Each method module defines METHOD (its `distill train` name), CONFIG and train(config)."""
+"""Distillation on TRL: one module per method with train(settings) -> TrainResult; every method's settings in trainers/settings.py.
+
+METHODS is what `distill train` and recipes offer. A method's module imports torch and TRL
+(seconds), so it is imported only when that method trains; its settings model (pydantic
+only) is all the CLI needs to declare flags and check a recipe's keys.
+"""
 
 from __future__ import annotations
 
 import importlib
-import pkgutil
-from types import ModuleType
+from typing import NamedTuple
+
+from trainers.settings import (
+    DPOSettings,
+    GKDSettings,
+    GRPOSettings,
+    KDSettings,
+    PPOSettings,
+    RewardSettings,
+    RLOOSettings,
+    SFTSettings,
+    TrainResult,
+    TrainSettings,
+)
 
 
-def methods() -> dict[str, ModuleType]:
-    """Every trainer module that declares a METHOD, by that name."""
-    found = {}
-    for info in pkgutil.iter_modules(__path__):
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        if hasattr(module, "METHOD"):
-            found[module.METHOD] = module
-    return dict(sorted(found.items()))
+class Method(NamedTuple):
+    """One `distill train METHOD`: where its trainer is, what it is configured by, and its one-line help."""
+
+    module: str
+    settings: type[TrainSettings]
+    summary: str
+
+
+#: `distill train` lists these in this order; each summary is the first line of the module's docstring.
+METHODS: dict[str, Method] = {
+    "dpo": Method("trainers.dpo", DPOSettings, "DPO: TRL's DPOTrainer on preference pairs, with β and its loss variants exposed."),
+    "gkd": Method("trainers.gkd", GKDSettings, "GKD: on-policy distillation from a white-box teacher held locally (TRL's experimental GKDTrainer)."),
+    "grpo": Method(
+        "trainers.grpo", GRPOSettings,
+        "GRPO: TRL's GRPOTrainer with the reward model as its reward function, maximising r(x, y) - beta * KL(policy || SFT student).",
+    ),  # fmt: skip
+    "kd": Method("trainers.kd", KDSettings, "KD: SFT plus a sparse divergence to the teacher's top-k logprobs stored with each example."),
+    "ppo": Method(
+        "trainers.ppo", PPOSettings,
+        "PPO: TRL's PPOTrainer against a reward model, maximising r(x, y) - kl_coef * KL(policy || SFT student).",
+    ),  # fmt: skip
+    "reward": Method(
+        "trainers.reward", RewardSettings,
+        "Reward model: TRL's RewardTrainer (Bradley–Terry) on preference pairs, with held-out pairwise accuracy.",
+    ),  # fmt: skip
+    "rloo": Method(
+        "trainers.rloo", RLOOSettings,
+        "RLOO: TRL's RLOOTrainer with the reward model as its reward function, maximising r(x, y) - beta * KL(policy || SFT student).",
+    ),  # fmt: skip
+    "sft": Method("trainers.sft", SFTSettings, "SFT: TRL's SFTTrainer on prompt/completion records (completion-only loss) or multi-turn messages."),
+}
+
+
+def train(method: str, settings: TrainSettings) -> TrainResult:
+    """Check the device, output folder and trackers, then train with the method's module (imported now)."""
+    # Imported here, not at the top: trainers.common loads torch and transformers, which `distill --help` must not pay for.
+    from trainers.common import preflight
+
+    preflight(settings)
+    return importlib.import_module(METHODS[method].module).train(settings)

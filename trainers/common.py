@@ -7,9 +7,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
+import transformers
+from matplotlib.figure import Figure
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
 from synth.errors import ConfigError, InputError
+from synth.io import to_hf_dataset
 from synth.teachers.config import check_device_available
-from trainers.config import TrainConfig, TrainResult
+from synth.teachers.embedded import embedded_model_dir
+from trainers.settings import TrainResult, TrainSettings
 
 
 def resolve_model(spec: str, trust_remote_code: bool = False) -> Path:
@@ -18,8 +27,6 @@ def resolve_model(spec: str, trust_remote_code: bool = False) -> Path:
     The directory's config.json is checked here, so a broken one is one line naming it before any work.
     """
     if spec == "embedded":
-        from synth.teachers.embedded import embedded_model_dir
-
         return embedded_model_dir()
     path = Path(spec).expanduser()
     if not (path / "config.json").is_file():
@@ -30,8 +37,6 @@ def resolve_model(spec: str, trust_remote_code: bool = False) -> Path:
 
 def check_model_config(path: Path, trust_remote_code: bool = False) -> dict[str, Any]:
     """The model directory's config.json, if transformers can load a model from it with these settings."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
     file = path / "config.json"
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
@@ -52,8 +57,6 @@ def check_model_config(path: Path, trust_remote_code: bool = False) -> dict[str,
                               "set trust_remote_code (--trust-remote-code) only if you trust that code")
         return data
     if model_type is not None:
-        import transformers
-
         raise ConfigError(f"{file}: unknown model_type {model_type!r}: transformers {transformers.__version__} cannot build this model")
     return data
 
@@ -80,10 +83,8 @@ def loading(path: Path):
         raise ConfigError(f"{path}: cannot load this model: {reason}") from exc
 
 
-def pick_device(config: TrainConfig) -> tuple[str, Any, bool]:
+def pick_device(config: TrainSettings) -> tuple[str, Any, bool]:
     """(device, torch dtype, bf16 flag for TRL): chosen at run time so one config runs on CPU and GPU."""
-    import torch
-
     check_device_available(config.device, "--device")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
     if device == "cpu":
@@ -99,7 +100,7 @@ def pick_device(config: TrainConfig) -> tuple[str, Any, bool]:
     return device, dtype, dtype == torch.bfloat16
 
 
-def trl_args(config: TrainConfig) -> dict[str, Any]:
+def trl_args(config: TrainSettings) -> dict[str, Any]:
     """Keyword arguments every TRL config (a TrainingArguments) takes, from our shared settings."""
     device, _, bf16 = pick_device(config)
     return dict(
@@ -128,7 +129,7 @@ def trl_args(config: TrainConfig) -> dict[str, Any]:
     )
 
 
-def preflight(config: TrainConfig) -> None:
+def preflight(config: TrainSettings) -> None:
     """What `distill train` checks before loading anything: the device exists, the output can go where asked, trackers are installed."""
     pick_device(config)
     check_output_dir(config.output_dir, "--output-dir")
@@ -139,8 +140,6 @@ def check_report_to(names: list[str]) -> None:
     """A ConfigError for a tracker transformers does not know or that is not installed (found before training, not after)."""
     if not names or names in (["none"], ["all"]):
         return
-    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
-
     installed = set(get_available_reporting_integrations())
     for name in names:
         if name not in INTEGRATION_TO_CALLBACK:
@@ -149,10 +148,8 @@ def check_report_to(names: list[str]) -> None:
             raise ConfigError(f"--report-to {name}: {name} is not installed here (pip install {name.replace('_', '-')}), or leave --report-to out")
 
 
-def load_tokenizer(path: Path, config: TrainConfig):
+def load_tokenizer(path: Path, config: TrainSettings):
     """The student's tokenizer, with a pad token (the EOS one when it has none)."""
-    from transformers import AutoTokenizer
-
     with loading(path):
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=config.trust_remote_code)
     if tokenizer.pad_token is None:
@@ -160,20 +157,19 @@ def load_tokenizer(path: Path, config: TrainConfig):
     return tokenizer
 
 
-def load_model(path: Path, config: TrainConfig, model_class=None):
+def load_model(path: Path, config: TrainSettings, model_class=None):
     """The student model in the dtype chosen for this device."""
-    from transformers import AutoModelForCausalLM
-
     _, dtype, _ = pick_device(config)
     cls = model_class or AutoModelForCausalLM
     with loading(path):
         return cls.from_pretrained(str(path), dtype=dtype, local_files_only=True, trust_remote_code=config.trust_remote_code)
 
 
-def peft_config(config: TrainConfig, task_type: str = "CAUSAL_LM"):
+def peft_config(config: TrainSettings, task_type: str = "CAUSAL_LM"):
     """A LoRA config when `lora` is on, else None (full fine-tuning)."""
     if not config.lora:
         return None
+    # Imported only under LoRA: peft adds ~3 s to the start of `distill eval` and `distill student`, which import this module.
     from peft import LoraConfig
 
     targets = config.lora_target_modules
@@ -188,8 +184,6 @@ def peft_config(config: TrainConfig, task_type: str = "CAUSAL_LM"):
 
 def load_records(path: Path, columns: set[str]):
     """The records at `path` as a TRL-format Dataset that has every column in `columns`."""
-    from synth.io import to_hf_dataset
-
     dataset = to_hf_dataset(path)
     missing = columns - set(dataset.column_names)
     if missing:
@@ -200,7 +194,7 @@ def load_records(path: Path, columns: set[str]):
     return dataset
 
 
-def split(dataset, config: TrainConfig):
+def split(dataset, config: TrainSettings):
     """(train, eval or None) by `eval_fraction`, seeded."""
     if config.eval_fraction <= 0 or len(dataset) < 2:
         return dataset, None
@@ -233,7 +227,7 @@ def _complete(checkpoint: Path) -> bool:
     return True
 
 
-def train_and_save(trainer, config: TrainConfig, tokenizer, extra_metrics: dict[str, float] | None = None) -> TrainResult:
+def train_and_save(trainer, config: TrainSettings, tokenizer, extra_metrics: dict[str, float] | None = None) -> TrainResult:
     """Train (resuming when asked and possible), save a loadable model, metrics.json and training_curves.png."""
     resume = last_checkpoint(config.output_dir) if config.resume else None
     output = trainer.train(resume_from_checkpoint=resume)
@@ -248,7 +242,7 @@ def train_and_save(trainer, config: TrainConfig, tokenizer, extra_metrics: dict[
     return TrainResult(output_dir=config.output_dir, metrics=metrics)
 
 
-def save_model(model, tokenizer, config: TrainConfig) -> None:
+def save_model(model, tokenizer, config: TrainSettings) -> None:
     """Save weights (LoRA merged when asked) and tokenizer so AutoModelForCausalLM loads the directory."""
     if config.lora and config.merge_lora and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
@@ -258,11 +252,6 @@ def save_model(model, tokenizer, config: TrainConfig) -> None:
 
 def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     """One panel per logged metric against the step (loss first)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     series: dict[str, list[tuple[int, float]]] = {}
     for row in history:
         for key, value in row.items():
@@ -272,7 +261,9 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     keys = sorted(series, key=lambda k: (k != "loss", k))[:6]
     if not keys:
         return
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    # A Figure of its own, not pyplot: no global backend or figure list (PNG is drawn with Agg either way).
+    fig = Figure(figsize=(4 * len(keys), 3))
+    axes = fig.subplots(1, len(keys), squeeze=False)
     for ax, key in zip(axes[0], keys):
         steps, values = zip(*series[key])
         ax.plot(steps, values, marker="." if len(steps) < 30 else None)
@@ -280,4 +271,3 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel("step")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Literal
 
-from pydantic import Field, model_validator
+from trl import DPOConfig, DPOTrainer
 
 from synth.errors import ConfigError
 from trainers.common import (
@@ -18,46 +17,16 @@ from trainers.common import (
     train_and_save,
     trl_args,
 )
-from trainers.config import TrainConfig, TrainResult
+from trainers.settings import DPOSettings, TrainResult
 
 PAIR_COLUMNS = {"prompt", "chosen", "rejected"}
-
-#: The values trl 1.12's DPOConfig.loss_type accepts (tests check this against TRL's own list).
-LossType = Literal[
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
-    "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
-]
 
 #: TRL's logged DPO statistics reported in the metrics, first and last logged value of each.
 REPORTED = ("rewards/margins", "rewards/accuracies")
 
 
-class DPOSettings(TrainConfig):
-    """Direct preference optimisation of the student on chosen/rejected pairs."""
-
-    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model (τ for the ipo loss).")
-    loss_type: LossType = Field("sigmoid", description="DPO loss variant: sigmoid is the original DPO, ipo, hinge, robust, ... as in TRL.")
-    label_smoothing: float = Field(
-        0.0, ge=0, lt=0.5, description="Probability a preference label is flipped (robust) or ε (exo_pair, which needs it > 0)."
-    )
-    ref_model: str | None = Field(
-        None, description="Reference model dir (same tokenizer); default: a frozen copy of the student, or the student with adapters off under LoRA."
-    )
-    precompute_ref_log_probs: bool = Field(
-        False, description="Score the pairs with the reference once before training, so it need not stay in memory."
-    )
-
-    @model_validator(mode="after")
-    def _exo_needs_smoothing(self):
-        if self.loss_type == "exo_pair" and self.label_smoothing == 0:
-            raise ValueError("loss_type exo_pair needs label_smoothing > 0 (1e-3 is usual)")
-        return self
-
-
 def build_trainer(config: DPOSettings):
     """The TRL DPOTrainer for a config, with its tokenizer."""
-    from trl import DPOConfig, DPOTrainer
-
     path = resolve_model(config.model, config.trust_remote_code)
     tokenizer = load_tokenizer(path, config)
     train, evaluation = split(load_records(config.data, PAIR_COLUMNS), config)
@@ -115,7 +84,3 @@ def train(config: DPOSettings) -> TrainResult:
     path.write_text(json.dumps(saved, indent=2))
     return result
 
-
-#: `distill train dpo`: discovered by the CLI through these two names.
-METHOD = "dpo"
-CONFIG = DPOSettings

@@ -13,19 +13,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
 from synth.errors import ConfigError
 from synth.filters.verify import Checker, extract_answer, parse_number
+from trainers.common import loading
 
 Messages = list[dict[str, str]]
 
 
 def load_local(path: Path, device: str, dtype: Any, trust_remote_code: bool = False):
     """(model, tokenizer) from a local directory, in eval mode, with a pad token and a chat template checked."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    from trainers.common import loading
-
     hf_logging.disable_progress_bar()
     kwargs = {"local_files_only": True, "trust_remote_code": trust_remote_code}
     with loading(path):
@@ -55,8 +56,6 @@ def stop_ids(model, tokenizer) -> list[int]:
 
 def _left_pad(rows: Sequence[list[int]], pad_id: int, device: str):
     """(input_ids, attention_mask, position_ids) of left-padded rows; positions count real tokens only."""
-    import torch
-
     width = max(len(r) for r in rows)
     ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows], device=device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
@@ -66,8 +65,6 @@ def _left_pad(rows: Sequence[list[int]], pad_id: int, device: str):
 
 def generate_greedy(model, tokenizer, prompts: Sequence[Messages], max_new_tokens: int, batch_size: int) -> list[str]:
     """Each prompt's greedy answer, generated in left-padded batches of similar length."""
-    import torch
-
     device = model.device
     encoded = [prompt_ids(tokenizer, m) for m in prompts]
     stops = stop_ids(model, tokenizer)
@@ -107,9 +104,6 @@ def completion_nll(model, tokenizer, prompts: Sequence[Messages], completions: S
     The text is tokenized with this model's tokenizer; a completion that ended on its own
     (not cut at max tokens) also scores the end-of-answer token, so stopping is measured too.
     """
-    import torch
-    import torch.nn.functional as F
-
     device = model.device
     rows = []
     for messages, (text, ended) in zip(prompts, completions):

@@ -15,49 +15,26 @@ import asyncio
 import gc
 import json
 import time
+from itertools import islice
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel
 
 from synth.errors import ConfigError, InputError
+from synth.filters.verify import get_checker, reference_answer
+from synth.generators.label import load_demonstrations
+from synth.io import read_jsonl
+from synth.job import open_cache
+from synth.prompts import load_template
 from synth.redact import redact
+from synth.teachers import ChatRequest, Message, SamplingParams, build_teacher, parse_teacher_spec
 from synth.teachers.base import TeacherError
-from trainers.config import DeviceName
-
-
-class EvalConfig(BaseModel):
-    """Which students, which teacher, which prompts, and how long the answers may be."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    students: list[str] = Field(default_factory=lambda: ["out/student"], description="Student model directories ('embedded' works too); compared in one table.")
-    teacher: str = Field("embedded", description="Teacher spec: embedded, hf:PATH, vllm:MODEL, openai:MODEL@BASE_URL or a teacher .yaml file.")
-    prompts: Path = Field(Path("data/gsm8k/train.jsonl"), description="Held-out prompts (JSONL): {question, answer?} or {prompt, reference?}; prompt may be text or chat messages.")
-    before: str | None = Field(None, description="The student before training: its NLL gives the fraction of the gap to the teacher closed.")
-    limit: int | None = Field(50, ge=1, description="Evaluate at most this many prompts.")
-    skip: int = Field(0, ge=0, description="Skip this many prompts first (e.g. the ones training used).")
-    max_new_tokens: int = Field(256, ge=1, description="Longest student answer (greedy).")
-    teacher_max_tokens: int | None = Field(None, ge=1, description="Longest teacher answer (default: max_new_tokens).")
-    judge: str | None = Field(None, description="Judge teacher spec for pairwise win rates against the teacher (order swapped); none by default.")
-    judge_max_tokens: int = Field(16, ge=1, description="Longest judge reply.")
-    template: str | None = Field("label/cot", description="Template that turns a {question} into the prompt, as labeling does ('none': the question as is).")
-    lang: Literal["en", "zh"] = Field("en", description="Template language.")
-    demonstrations: Path | None = Field(None, description="Worked examples shown in the prompt (JSONL of {question, answer}), as labeling was given them.")
-    checker: str = Field("numeric", description="How answers are compared: numeric, exact, or module:function.")
-    batch_size: int = Field(8, ge=1, description="Prompts per batch for student generation and NLL.")
-    output_dir: Path = Field(Path("out/eval"), description="Where eval.json, report.md and the plots go.")
-    cache_dir: Path | None = Field(None, description="Response cache directory (default: $BBD_RESPONSE_CACHE or ~/.cache/blackbox-distill/responses).")
-    cache_mode: Literal["use", "refresh", "off"] = Field("use", description="use: read and store; refresh: ask again and overwrite; off: neither.")
-    device: DeviceName = Field("auto", description="cpu, cuda, cuda:N or auto (for students and the teacher's NLL floor).")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on GPUs that support it, else fp32.")
-    trust_remote_code: bool = Field(False, description="Run model code shipped with a checkpoint.")
-
-    @field_validator("template")
-    @classmethod
-    def _no_template(cls, value: str | None) -> str | None:
-        """'none' (or empty) from a flag or file means no template."""
-        return None if value is None or value.strip().lower() in ("", "none", "null") else value
+from synth.teachers.cached import CachedTeacher
+from trainers import eval_metrics as em
+from trainers.common import check_output_dir, pick_device, resolve_model
+from trainers.report import write_report
+from trainers.settings import EvalSettings
 
 
 class Item(BaseModel):
@@ -69,16 +46,8 @@ class Item(BaseModel):
     reference: str | None = None
 
 
-def load_items(config: EvalConfig) -> list[Item]:
+def load_items(config: EvalSettings) -> list[Item]:
     """The held-out prompts, rendered like labeling renders them; errors name file:line."""
-    from itertools import islice
-
-    from synth.filters.verify import reference_answer
-    from synth.io import read_jsonl
-    from synth.prompts import load_template
-
-    from synth.generators.label import load_demonstrations
-
     template = load_template(config.template, config.lang) if config.template else None
     # The same prompt the student was trained on: demonstrations included.
     demos = [d.model_dump() for d in load_demonstrations(config.demonstrations, config.lang, template)]
@@ -111,12 +80,8 @@ def load_items(config: EvalConfig) -> list[Item]:
     return items
 
 
-def ask(teacher_spec: str, requests: list, config: EvalConfig) -> tuple[list, dict[str, Any]]:
+def ask(teacher_spec: str, requests: list, config: EvalSettings) -> tuple[list, dict[str, Any]]:
     """Send requests through the response cache in the teacher's batch size and concurrency; (results, costs)."""
-    from synth.job import open_cache
-    from synth.teachers import build_teacher, parse_teacher_spec
-    from synth.teachers.cached import CachedTeacher
-
     teacher = build_teacher(parse_teacher_spec(teacher_spec))
     cache = open_cache(config.cache_dir, config.cache_mode)
     cached = CachedTeacher(teacher, cache)
@@ -152,9 +117,6 @@ def ask(teacher_spec: str, requests: list, config: EvalConfig) -> tuple[list, di
 
 def teacher_model_dir(spec: str) -> Path | None:
     """The local HF directory of a teacher, when it has one (its NLL is then the floor)."""
-    from synth.teachers import parse_teacher_spec
-    from trainers.common import resolve_model
-
     config = parse_teacher_spec(spec)
     if config.backend == "openai":
         return None
@@ -176,14 +138,8 @@ def model_names(specs: list[str]) -> list[str]:
     return names
 
 
-def evaluate(config: EvalConfig) -> dict[str, Any]:
+def evaluate(config: EvalSettings) -> dict[str, Any]:
     """Run the evaluation, write eval.json, report.md and the plots; returns what eval.json holds."""
-    from synth.filters.verify import get_checker
-    from synth.teachers import ChatRequest, Message, SamplingParams
-    from trainers import eval_metrics as em
-    from trainers.common import check_output_dir, pick_device, resolve_model
-    from trainers.report import write_report
-
     if not config.students:
         raise ConfigError("students: give at least one student model directory")
     checker = get_checker(config.checker)
@@ -280,7 +236,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     return result
 
 
-def shown_config(config: EvalConfig) -> dict[str, Any]:
+def shown_config(config: EvalSettings) -> dict[str, Any]:
     """The settings as eval.json records them: teacher and judge specs (URLs) without their credentials."""
     shown = config.model_dump(mode="json")
     for key in ("teacher", "judge"):
@@ -289,11 +245,8 @@ def shown_config(config: EvalConfig) -> dict[str, Any]:
     return shown
 
 
-def judge_all(config: EvalConfig, items: list[Item], answered: list[int], teacher_text: dict, models: list[dict]) -> dict[str, Any]:
+def judge_all(config: EvalSettings, items: list[Item], answered: list[int], teacher_text: dict, models: list[dict]) -> dict[str, Any]:
     """Ask the judge about every (student, prompt) twice, student first then teacher first; verdicts go into `models`."""
-    from synth.teachers import ChatRequest, Message, SamplingParams
-    from trainers import eval_metrics as em
-
     params = SamplingParams(temperature=0.0, max_tokens=config.judge_max_tokens)
     requests, owners = [], []
     for m in models:

@@ -10,19 +10,21 @@ The teacher and the student must share a tokenizer.
 
 from __future__ import annotations
 
-from pydantic import Field
+from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-from trainers.config import TrainConfig, TrainResult
-
-
-class GKDSettings(TrainConfig):
-    """Generalised knowledge distillation from a local teacher model."""
-
-    teacher_model: str = Field("embedded", description="Teacher: a local Hugging Face model directory, or 'embedded'; must share the student's tokenizer.")
-    lmbda: float = Field(0.5, ge=0, le=1, description="Fraction of steps trained on the student's own samples (on-policy) instead of the records.")
-    beta: float = Field(0.5, ge=0, le=1, description="Generalised JSD weight: 0 forward KL, 1 reverse KL, 0.5 symmetric JSD.")
-    temperature: float = Field(0.9, gt=0, description="Sampling temperature of the on-policy answers.")
-    max_new_tokens: int = Field(128, ge=1, description="Longest on-policy answer, in tokens.")
+from synth.errors import ConfigError, InputError
+from trainers.common import (
+    load_model,
+    load_records,
+    load_tokenizer,
+    peft_config,
+    resolve_model,
+    split,
+    train_and_save,
+    trl_args,
+)
+from trainers.kd_data import vocab_fingerprint
+from trainers.settings import GKDSettings, TrainResult
 
 
 def as_messages(dataset):
@@ -43,20 +45,6 @@ def as_messages(dataset):
 
 def build_trainer(config: GKDSettings):
     """(GKDTrainer, tokenizer) for a config, after checking teacher and student share a vocabulary."""
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
-
-    from synth.errors import ConfigError, InputError
-    from trainers.common import (
-        load_model,
-        load_records,
-        load_tokenizer,
-        peft_config,
-        resolve_model,
-        split,
-        trl_args,
-    )
-    from trainers.kd_data import vocab_fingerprint
-
     path, teacher_path = (resolve_model(spec, config.trust_remote_code) for spec in (config.model, config.teacher_model))
     tokenizer, teacher_tokenizer = load_tokenizer(path, config), load_tokenizer(teacher_path, config)
     if vocab_fingerprint(tokenizer) != vocab_fingerprint(teacher_tokenizer):
@@ -82,12 +70,6 @@ def build_trainer(config: GKDSettings):
 
 def train(config: GKDSettings) -> TrainResult:
     """Distill the student from the local teacher; returns where the model went and its metrics."""
-    from trainers.common import train_and_save
-
     trainer, tokenizer = build_trainer(config)
     return train_and_save(trainer, config, tokenizer)
 
-
-#: `distill train gkd`: discovered by the CLI through these two names.
-METHOD = "gkd"
-CONFIG = GKDSettings

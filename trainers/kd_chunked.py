@@ -14,6 +14,11 @@ from __future__ import annotations
 import inspect
 import types
 
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from trainers.kd_loss import sparse_divergence
+
 #: Fields of the dict the patched forward returns (all sums over this process's batch).
 SUMS = ("ce_sum", "d_sum", "kl_sum", "kd_positions", "correct", "entropy_sum", "labelled")
 
@@ -24,8 +29,6 @@ def patch_kd_forward(model, kind: str, temperature: float, beta: float, chunk_si
     Unsupported: an output layer that is not a plain Linear (e.g. LoRA on lm_head) and
     mixture-of-experts models (their router loss lives in the full forward).
     """
-    import torch
-
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = target.get_output_embeddings()
     text = target.config.get_text_config()
@@ -57,8 +60,6 @@ def patch_kd_forward(model, kind: str, temperature: float, beta: float, chunk_si
 def chunked_kd_sums(hidden, weight, bias, labels, top_ids, top_logprobs, kind="forward", temperature=1.0, beta=0.5,
                     chunk_size=256, scale=1.0, softcap=None) -> dict:  # fmt: skip
     """Sums of CE and D (with gradients) and of the logged statistics, over the labelled positions, chunk by chunk."""
-    from torch.utils.checkpoint import checkpoint
-
     flat = labels.reshape(-1)
     index = (flat != -100).nonzero().squeeze(1)
     h = hidden.reshape(-1, hidden.shape[-1])[index]
@@ -78,10 +79,6 @@ def chunked_kd_sums(hidden, weight, bias, labels, top_ids, top_logprobs, kind="f
 
 def _chunk(h, weight, bias, labels, ids, lps, kind, temperature, beta, scale, softcap):
     """One chunk: logits, CE sum, D sum (differentiable), then KL at T=1, count, correct, entropy (not)."""
-    import torch
-
-    from trainers.kd_loss import sparse_divergence
-
     logits = h.float() @ weight.float().t()
     if bias is not None:
         logits = logits + bias.float()

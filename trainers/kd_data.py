@@ -27,7 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+import torch
+from datasets import List, Value
+from transformers import AutoTokenizer
+
 from synth.errors import ConfigError, InputError
+from synth.io import load_records
 from synth.teachers.embedded import EMBEDDED_TOKENIZER_NAME
 
 KD_COLUMNS = ["kd_start", "kd_ids", "kd_logprobs"]
@@ -62,8 +68,6 @@ def check_tokenizer(tokenizer, recorded: set[str | None], teacher_tokenizer: str
     if source in KNOWN_VOCABS:
         theirs = KNOWN_VOCABS[source]
     elif Path(source).expanduser().is_dir():
-        from transformers import AutoTokenizer
-
         theirs = vocab_fingerprint(AutoTokenizer.from_pretrained(str(Path(source).expanduser()), local_files_only=True))
     elif source == tokenizer.name_or_path:
         return f"same tokenizer name {source!r}"
@@ -108,10 +112,6 @@ def token_pieces(tokenizer) -> list[str]:
 
 def read_soft_labels(path: Path, tokenizer, max_positions: int) -> SoftTable:
     """Soft labels of every SFT record at `path`, mapped to the student's ids, at most `max_positions` per record."""
-    import numpy as np
-
-    from synth.io import load_records
-
     table = SoftTable()
     reverse: dict[str, int] | None = None
     vocab = len(tokenizer)
@@ -175,8 +175,6 @@ def as_prompt_completion(dataset):
 
 def attach_soft_labels(dataset, table: SoftTable, tokenizer, name: str = "train"):
     """The tokenized dataset with each row's soft labels in KD_COLUMNS, rows that cannot align dropped; and the counts."""
-    from datasets import List, Value
-
     if "kd_ids" in dataset.column_names:  # prepared already (evaluate() prepares again)
         return dataset, Counter()
     state: dict[str, Any] = {}
@@ -242,8 +240,6 @@ class KDCollator:
 
     def __call__(self, examples: list[dict]) -> dict:
         """Pad the row-aligned soft labels to the batch's length (-1: no candidate)."""
-        import torch
-
         batch = self.base(examples)
         if "attention_mask" not in batch:
             raise ConfigError("KD needs padded batches: padding-free and packed batches are not supported")

@@ -26,15 +26,14 @@ gathered at S, and no vocabulary-sized teacher tensor is ever built.
 only makes sense with the teacher's full logits; records never hold them, so the trainer
 offers `sparse_logit_mse` instead: the teacher's logits are known on S only up to a
 per-position constant (l_i = logit_i - log Z), so both sides are centred over S first.
-
-torch is imported inside the functions so that importing this module stays cheap.
 """
 
 from __future__ import annotations
 
 import math
 
-DIVERGENCES = ("forward", "reverse", "jsd", "logit_mse")
+import torch
+
 #: Smallest tail mass either side may have: 1 - sum_S p is not trustworthy below this.
 TAIL_FLOOR = 1e-6
 #: Teacher log-probabilities are clamped here, so a stored -inf stays finite.
@@ -49,8 +48,6 @@ def bucket_logprobs(student_logits, top_ids, top_logprobs, normalized: bool = Fa
     `top_ids` < 0 marks missing candidates (padding, unmapped tokens); their mass falls into the tail.
     Positions with no candidate at all get a harmless dummy distribution, masked out by the returned mask.
     """
-    import torch
-
     valid = top_ids >= 0
     has = valid.any(-1)
     # A dummy candidate (id 0, prob 1) keeps empty positions finite, so no NaN reaches the gradient.
@@ -71,8 +68,6 @@ def bucket_logprobs(student_logits, top_ids, top_logprobs, normalized: bool = Fa
 
 def _with_tail(logprobs, complete):
     """Append log(1 - sum exp(logprobs)) (floored; -inf where the support is the whole vocabulary)."""
-    import torch
-
     mass = torch.logsumexp(logprobs, -1, keepdim=True)
     tail = torch.log((-torch.expm1(mass)).clamp_min(TAIL_FLOOR))
     return torch.cat([logprobs, tail.masked_fill(complete, -math.inf)], -1)
@@ -80,22 +75,16 @@ def _with_tail(logprobs, complete):
 
 def _upcast(x):
     """float32 at least (float64 stays float64): bf16 log-probs are too coarse for a divergence."""
-    import torch
-
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def temper(logprobs, temperature: float):
     """A distribution over buckets raised to 1/T and renormalised (log space)."""
-    import torch
-
     return torch.log_softmax(logprobs / temperature, -1) if temperature != 1.0 else logprobs
 
 
 def divergence(teacher, student, kind: str = "forward", beta: float = 0.5):
     """Per-position D between two log-prob vectors over the same buckets (the last dim)."""
-    import torch
-
     live = torch.isfinite(teacher)  # -inf in the same buckets on both sides (missing ids, dropped tail)
     t = torch.where(live, teacher, 0.0)
     s = torch.where(live, student, 0.0)
@@ -138,8 +127,6 @@ def kd_loss(student_logits, labels, top_ids, top_logprobs, alpha: float = 0.5, t
 
     Both terms are sums over label tokens divided by their number; positions without top-k add to CE only.
     """
-    import torch
-
     mask = labels != -100
     count = mask.sum().clamp_min(1)
     ce = torch.nn.functional.cross_entropy(
@@ -159,8 +146,6 @@ def sparse_logit_mse(student_logits, top_ids, top_logprobs):
 
     Returns (per-position value, mask of positions with labels), like sparse_divergence.
     """
-    import torch
-
     valid = top_ids >= 0
     has = valid.any(-1)
     n = valid.sum(-1, keepdim=True).clamp_min(1)

@@ -22,49 +22,20 @@ import shutil
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
 
-from pydantic import Field
+import torch
+from transformers import TrainerCallback
 
 from synth.errors import ConfigError
-from trainers.common import (
-    last_checkpoint,
-    load_model,
-    load_tokenizer,
-    peft_config,
-    pick_device,
-    split,
-    trl_args,
-)
-from trainers.config import TrainResult
-from trainers.rl_common import (
-    RLSettings,
-    evaluation_prompts,
-    finish,
-    fit_prompts,
-    load_prompts,
-    load_reward_model,
-    mean_sampled_reward,
-    numbers,
-    policy_dir,
-    prompt_text,
-    reward_model_dir,
-)
+from trainers.common import last_checkpoint, load_model, load_tokenizer, peft_config, pick_device, trl_args
+from trainers.rl_common import finish, load_reward_model, mean_sampled_reward, numbers, prompt_text, reward_model_dir, start
+from trainers.settings import PPOSettings, TrainResult
+
+with warnings.catch_warnings():  # we know PPO lives in trl.experimental (TRL 1.12 is pinned for it)
+    warnings.filterwarnings("ignore", message=".*trl.experimental")
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
 
 CURVES = ["objective/scores", "objective/rlhf_reward", "objective/kl", "loss/policy_avg", "loss/value_avg", "policy/entropy_avg"]
-
-
-class PPOSettings(RLSettings):
-    """PPO against a reward model, with a value model and a KL penalty to the starting student."""
-
-    kl_coef: float = Field(0.05, ge=0, description="beta: weight of the KL(policy || reference) penalty in the reward.")
-    response_length: int = Field(64, ge=1, description="Tokens sampled per completion (stops earlier at EOS).")
-    num_ppo_epochs: int = Field(4, ge=1, description="PPO passes over each batch of samples.")
-    num_mini_batches: int = Field(1, ge=1, description="Minibatches each batch is split into per PPO pass.")
-    cliprange: float = Field(0.2, gt=0, description="PPO clipping range of the policy ratio.")
-    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
-    kl_estimator: Literal["k1", "k3"] = Field("k1", description="KL estimator in the reward: k1 (unbiased) or k3 (lower variance).")
-    missing_eos_penalty: float | None = Field(None, ge=0, description="Subtracted from the score of completions that never end (none by default).")
 
 
 #: Written into each checkpoint after its value model: a checkpoint without it is not resumable.
@@ -73,22 +44,15 @@ VALUE_DIR = "value_model"
 
 
 def build_trainer(config: PPOSettings, resume_from: Path | None = None):
-    """(PPOTrainer, the prompts the before/after reward is measured on, metrics so far) for a config.
+    """(PPOTrainer, where it started, metrics so far) for a config.
 
     With `resume_from` (a checkpoint this module wrote) the policy, value model, optimizer and
     schedule continue from it, and only the updates that remain are run.
     """
-    with warnings.catch_warnings():  # we know PPO lives in trl.experimental (TRL 1.12 is pinned for it)
-        warnings.filterwarnings("ignore", message=".*trl.experimental")
-        from trl.experimental.ppo import PPOConfig, PPOTrainer
-
-    reward_model_dir(config)  # fail before loading anything
-    path = policy_dir(config)
-    tokenizer = load_tokenizer(path, config)
+    begin = start(config)
+    path, tokenizer = begin.policy, begin.tokenizer
     tokenizer.padding_side = "left"  # PPO generates from the right end of a batch of prompts
-    prompts, skipped = fit_prompts(load_prompts(config.data), tokenizer, config)
-    train_set, held_out = split(prompts, config)
-    encoded = train_set.map(lambda row: {"input_ids": tokenizer(prompt_text(row["prompt"], tokenizer), add_special_tokens=False)["input_ids"]})
+    encoded = begin.train.map(lambda row: {"input_ids": tokenizer(prompt_text(row["prompt"], tokenizer), add_special_tokens=False)["input_ids"]})
     distinct_pad(tokenizer, encoded["input_ids"])
     check_shared_vocab(config, tokenizer)
     per_step = config.batch_size * config.grad_accum
@@ -98,13 +62,12 @@ def build_trainer(config: PPOSettings, resume_from: Path | None = None):
     device, _, _ = pick_device(config)
     policy = load_model(resume_from or path, config).to(device)  # on the device already for the before-training samples
     reward = load_reward_model(config).to(device)
-    eval_prompts = evaluation_prompts(train_set, held_out, config)
     if resume_from:
         # The reward of the starting student, which the checkpoint's policy no longer is.
         before = json.loads((resume_from / STATE_FILE).read_text())["reward_before"]
         trainer_state = json.loads((resume_from / "trainer_state.json").read_text())
     else:
-        before = mean_sampled_reward(policy, tokenizer, reward, tokenizer, eval_prompts, config, config.response_length)
+        before = mean_sampled_reward(policy, tokenizer, reward, tokenizer, begin.reward_prompts, config, config.response_length)
         trainer_state = {"global_step": 0, "log_history": []}
     world = int(os.environ.get("WORLD_SIZE", "1"))
     updates = config.max_steps if config.max_steps > 0 else math.ceil(config.epochs * len(encoded) / (per_step * world))
@@ -140,7 +103,7 @@ def build_trainer(config: PPOSettings, resume_from: Path | None = None):
     trainer.add_callback(checkpoint_state(trainer, before, updates, done, trainer_state["log_history"]))
     if resume_from:
         restore_optimizer(trainer, resume_from, updates)
-    return trainer, eval_prompts, {"reward_before": before, "prompts_skipped": float(skipped)}
+    return trainer, begin, {"reward_before": before, "prompts_skipped": float(begin.skipped)}
 
 
 def checkpoint_state(trainer, reward_before: float, updates: int, done: int, history: list[dict]):
@@ -149,8 +112,6 @@ def checkpoint_state(trainer, reward_before: float, updates: int, done: int, his
     On a resumed run it also carries the step count, the log history and the schedule's length
     over from the checkpoint, so logs, checkpoint names and the learning rate continue.
     """
-    from transformers import TrainerCallback
-
     class CheckpointState(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
             # PPOTrainer.train() zeroes these just before this call; the resumed run continues the counts.
@@ -175,8 +136,6 @@ def checkpoint_state(trainer, reward_before: float, updates: int, done: int, his
 
 def restore_optimizer(trainer, checkpoint: Path, updates: int) -> None:
     """The checkpoint's optimizer moments, and a schedule as long as the whole run at the checkpoint's step."""
-    import torch
-
     trainer.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
     # TRL sized the schedule for the updates that remain; the saved one counts from the run's start.
     trainer.lr_scheduler = None
@@ -242,20 +201,11 @@ def frozen_heap():
 
 def train(config: PPOSettings) -> TrainResult:
     """Run PPO from the student against the reward model; returns the saved policy and its metrics."""
-    trainer, eval_prompts, metrics = build_trainer(config, starting_checkpoint(config))
+    trainer, begin, metrics = build_trainer(config, starting_checkpoint(config))
     with frozen_heap():
         trainer.train()
     policy = trainer.accelerator.unwrap_model(trainer.model).policy  # the value head stays behind
     history = trainer.state.log_history
     metrics.update({k: v for k, v in numbers(history[-1]).items() if k in CURVES} if history else {})
-    after_policy = policy.merge_and_unload() if config.lora and config.merge_lora else policy
-    metrics["reward_after"] = mean_sampled_reward(
-        after_policy, trainer.processing_class, trainer.reward_model, trainer.processing_class, eval_prompts, config, config.response_length
-    )
-    finish(after_policy, load_tokenizer(policy_dir(config), config), config, history, metrics, CURVES)
-    return TrainResult(output_dir=config.output_dir, metrics=metrics)
-
-
-#: `distill train ppo`: discovered by the CLI through these two names.
-METHOD = "ppo"
-CONFIG = PPOSettings
+    sampler = trainer.processing_class
+    return finish(policy, sampler, trainer.reward_model, sampler, begin, config, config.response_length, history, metrics, CURVES)

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
+
 from synth.redact import redact
 
 ACCURACY_PNG = "accuracy.png"
@@ -89,16 +91,13 @@ def examples(result: dict[str, Any], count: int) -> list[str]:
 
 def write_plots(result: dict[str, Any], out_dir: Path) -> list[str]:
     """accuracy.png (accuracy and agreement per model), nll.png (NLL per model, teacher floor), judge.png; their names."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    # Figures of their own, not pyplot: no global backend or figure list (PNG is drawn with Agg either way).
     models, teacher = result["models"], result["teacher"]
     names = [m["name"] for m in models]
     written = []
 
-    fig, ax = plt.subplots(figsize=(max(4, 1.4 * len(names) + 2), 3.2))
+    fig = Figure(figsize=(max(4, 1.4 * len(names) + 2), 3.2))
+    ax = fig.subplots()
     xs = range(len(names) + 1)
     acc = [m["accuracy"] for m in models] + [teacher["accuracy"]]
     agree = [m["agreement"] for m in models] + [None]
@@ -111,7 +110,8 @@ def write_plots(result: dict[str, Any], out_dir: Path) -> list[str]:
     ax.set_title("Answers")
     written.append(_save(fig, out_dir / ACCURACY_PNG))
 
-    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(names) + 2), 3.2))
+    fig = Figure(figsize=(max(4, 1.2 * len(names) + 2), 3.2))
+    ax = fig.subplots()
     bars = ax.bar(range(len(names)), [m["nll"] or 0 for m in models], color="tab:gray")
     ax.bar_label(bars, labels=[fmt(m["nll"], 2) for m in models], fontsize=7)
     if teacher["nll"] is not None:
@@ -124,7 +124,8 @@ def write_plots(result: dict[str, Any], out_dir: Path) -> list[str]:
 
     judged = [m for m in models if m.get("judge")]
     if judged:
-        fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(judged) + 2), 3.2))
+        fig = Figure(figsize=(max(4, 1.2 * len(judged) + 2), 3.2))
+        ax = fig.subplots()
         ax.bar(range(len(judged)), [m["judge"]["win_rate"] or 0 for m in judged], color="tab:green")
         ax.axhline(0.5, color="black", linestyle=":", label="par with the teacher")
         ax.set_xticks(range(len(judged)), [m["name"] for m in judged], rotation=20, ha="right")
@@ -132,7 +133,6 @@ def write_plots(result: dict[str, Any], out_dir: Path) -> list[str]:
         ax.legend(fontsize=8)
         ax.set_title("Judge win rate vs teacher (ties ½)")
         written.append(_save(fig, out_dir / JUDGE_PNG))
-    plt.close("all")
     return written
 
 

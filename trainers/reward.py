@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 from functools import partial
-from pathlib import Path
 from types import SimpleNamespace
 
-from pydantic import Field
+import torch
+from transformers import AutoModelForSequenceClassification, set_seed
+from trl import RewardConfig, RewardTrainer
 
 from trainers.common import (
     load_model,
@@ -19,26 +20,13 @@ from trainers.common import (
     train_and_save,
     trl_args,
 )
-from trainers.config import TrainConfig, TrainResult
+from trainers.settings import RewardSettings, TrainResult
 
 PAIR_COLUMNS = {"prompt", "chosen", "rejected"}
 
 
-class RewardSettings(TrainConfig):
-    """A scalar reward model r(prompt, answer) trained so that r(chosen) > r(rejected)."""
-
-    output_dir: Path = Field(Path("out/reward"), description="Where the reward model goes (PPO, GRPO and RLOO read it from here by default).")
-    eval_fraction: float = Field(0.2, ge=0, lt=1, description="Held-out fraction of the pairs; pairwise accuracy is measured on it.")
-    center_rewards_coefficient: float | None = Field(
-        None, ge=0, description="Weight of a penalty on the mean reward, keeping rewards centred on zero (0.01 is usual; off by default)."
-    )
-
-
 def build_trainer(config: RewardSettings):
     """The TRL RewardTrainer for a config, with its tokenizer; the reward head starts from the student's weights."""
-    from transformers import set_seed
-    from trl import RewardConfig, RewardTrainer
-
     path = resolve_model(config.model, config.trust_remote_code)
     tokenizer = load_tokenizer(path, config)
     train, evaluation = split(load_records(config.data, PAIR_COLUMNS), config)
@@ -60,15 +48,11 @@ def build_trainer(config: RewardSettings):
 
 def one_score_classifier():
     """AutoModelForSequenceClassification with one output, the reward (also for an unmerged LoRA dir, whose base has two)."""
-    from transformers import AutoModelForSequenceClassification
-
     return SimpleNamespace(from_pretrained=partial(AutoModelForSequenceClassification.from_pretrained, num_labels=1))
 
 
 def pairwise_accuracy(model, pairs, pad_token_id: int, batch_size: int = 8) -> float:
     """Fraction of tokenised pairs (chosen_ids, rejected_ids) where the model scores chosen above rejected."""
-    import torch
-
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -113,7 +97,3 @@ def _amend_metrics(result: TrainResult, extra: dict[str, float]) -> None:
     saved["final"].update(extra)
     path.write_text(json.dumps(saved, indent=2))
 
-
-#: `distill train reward`: discovered by the CLI through these two names.
-METHOD = "reward"
-CONFIG = RewardSettings

@@ -8,35 +8,41 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from pydantic import Field
+import torch
+from datasets import Dataset
+from transformers import AutoModelForSequenceClassification
 
 from synth.errors import ConfigError, InputError
-from trainers.common import plot_history, resolve_model, save_model
-from trainers.config import TrainConfig
+from synth.io import read_jsonl, to_hf_dataset
+from trainers.common import load_tokenizer, pick_device, plot_history, resolve_model, save_model, split
+from trainers.settings import RLSettings, TrainResult
 
 
-class RLSettings(TrainConfig):
-    """Settings every RL method has: the reward model, sampling, and the before/after reward check."""
+class Start(NamedTuple):
+    """What every RL method starts from, checked and loaded in the same order by each."""
 
-    reward_model: Path = Field(
-        Path("out/reward"),
-        description="Reward model: a sequence-classification model directory with one output (e.g. from `distill train reward`).",
-    )
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the policy's completions.")
-    reward_eval_prompts: int = Field(
-        16, ge=0, description="Prompts sampled before and after training to report the mean reward (held-out ones when eval_fraction > 0; 0: skip)."
-    )
-    reward_eval_samples: int = Field(4, ge=1, description="Completions sampled per prompt for that before/after reward.")
+    policy: Path  # the starting student's directory
+    tokenizer: Any  # its tokenizer
+    train: Dataset  # the prompts to train on (one `prompt` column)
+    held_out: Dataset | None  # held-out prompts (eval_fraction), or None
+    reward_prompts: list  # the prompts the before/after reward is measured on
+    skipped: int  # prompts longer than max_length, left out
+
+
+def start(config: RLSettings) -> Start:
+    """Check the reward model (before anything loads), then load the policy's tokenizer and the prompts that fit, split."""
+    reward_model_dir(config)
+    path = policy_dir(config)
+    tokenizer = load_tokenizer(path, config)
+    prompts, skipped = fit_prompts(load_prompts(config.data), tokenizer, config)
+    train, held_out = split(prompts, config)
+    return Start(path, tokenizer, train, held_out, evaluation_prompts(train, held_out, config), skipped)
 
 
 def load_prompts(path: Path):
     """A Dataset with one `prompt` column from our records (SFT, preference, messages) or a plain JSONL of {"prompt": ...}."""
-    from datasets import Dataset
-
-    from synth.io import read_jsonl, to_hf_dataset
-
     first = next(iter(read_jsonl(path)))[1]
     if isinstance(first, dict) and "kind" in first:
         dataset = to_hf_dataset(path)
@@ -100,10 +106,6 @@ def reward_model_dir(config: RLSettings) -> Path:
 
 def load_reward_model(config: RLSettings, path: Path | None = None):
     """The reward model (or a value model copy of it) in the training dtype."""
-    from transformers import AutoModelForSequenceClassification
-
-    from trainers.common import pick_device
-
     _, dtype, _ = pick_device(config)
     return AutoModelForSequenceClassification.from_pretrained(
         str(path or reward_model_dir(config)), num_labels=1, dtype=dtype, local_files_only=True, trust_remote_code=config.trust_remote_code
@@ -112,8 +114,6 @@ def load_reward_model(config: RLSettings, path: Path | None = None):
 
 def reward_tokenizer(config: RLSettings, policy_tokenizer):
     """The tokenizer saved beside the reward model, or the policy's when there is none."""
-    from trainers.common import load_tokenizer
-
     path = reward_model_dir(config)
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         return policy_tokenizer
@@ -128,8 +128,6 @@ def evaluation_prompts(train, evaluation, config: RLSettings) -> list:
 
 def mean_sampled_reward(policy, tokenizer, reward_model, reward_tok, prompts: list, config: RLSettings, max_new_tokens: int) -> float:
     """Mean reward of `reward_eval_samples` completions sampled per prompt (seeded), scored as GRPO scores them."""
-    import torch
-
     if not prompts:
         return float("nan")
     torch.manual_seed(config.seed)
@@ -165,12 +163,20 @@ def scored_text(prompt, completion: str, reward_tok) -> str:
     return prompt + completion
 
 
-def finish(policy, tokenizer, config: RLSettings, history: list[dict[str, Any]], metrics: dict[str, float], curves: list[str]) -> None:
-    """Save the policy (AutoModelForCausalLM loads it), metrics.json with the history, and curves of `curves`."""
-    save_model(policy, tokenizer, config)
+def finish(policy, sampler, reward_model, reward_tok, start: Start, config: RLSettings, max_new_tokens: int,
+           history: list[dict[str, Any]], metrics: dict[str, float], curves: list[str]) -> TrainResult:  # fmt: skip
+    """Merge LoRA when asked, measure the reward after training, then save the policy, metrics.json and curves of `curves`.
+
+    `sampler` is the tokenizer the policy trained with; the saved one is the student's own, unchanged.
+    """
+    if config.lora and config.merge_lora:
+        policy = policy.merge_and_unload()
+    metrics["reward_after"] = mean_sampled_reward(policy, sampler, reward_model, reward_tok, start.reward_prompts, config, max_new_tokens)
+    save_model(policy, load_tokenizer(start.policy, config), config)
     (config.output_dir / "metrics.json").write_text(json.dumps({"final": metrics, "history": history}, indent=2))
     rows = [{k: v for k, v in row.items() if k in curves or k == "step"} for row in history]
     plot_history([row for row in rows if len(row) > 1], config.output_dir / "training_curves.png")
+    return TrainResult(output_dir=config.output_dir, metrics=metrics)
 
 
 def numbers(row: dict[str, Any]) -> dict[str, float]:

@@ -6,21 +6,13 @@ reward of the other completions of its prompt (leave one out).
 
 from __future__ import annotations
 
-from trainers.config import TrainResult
-from trainers.grpo import GroupSettings, run
+from trl import RLOOConfig, RLOOTrainer
 
-
-class RLOOSettings(GroupSettings):
-    """RLOO: leave-one-out baselines over each prompt's completions."""
+from trainers.grpo import run
+from trainers.settings import RLOOSettings, TrainResult
 
 
 def train(config: RLOOSettings) -> TrainResult:
     """Run RLOO from the student against the reward model; returns the saved policy and its metrics."""
-    from trl import RLOOConfig, RLOOTrainer
-
     return run(config, RLOOTrainer, RLOOConfig)
 
-
-#: `distill train rloo`: discovered by the CLI through these two names.
-METHOD = "rloo"
-CONFIG = RLOOSettings

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from trl import SFTConfig, SFTTrainer
 
+from synth.errors import InputError
 from trainers.common import (
     load_model,
     load_records,
@@ -14,20 +15,11 @@ from trainers.common import (
     train_and_save,
     trl_args,
 )
-from trainers.config import TrainConfig, TrainResult
-
-
-class SFTSettings(TrainConfig):
-    """Supervised fine-tuning on the teacher's answers."""
-
-    packing: bool = Field(False, description="Pack several short examples into each max_length sequence.")
-    completion_only_loss: bool = Field(True, description="prompt/completion data: learn the answers only, not the prompts.")
+from trainers.settings import SFTSettings, TrainResult
 
 
 def build_trainer(config: SFTSettings, trainer_class=None, extra_args: dict | None = None):
     """The TRL SFTTrainer (or a subclass) for a config, with its tokenizer; KD reuses this."""
-    from trl import SFTConfig, SFTTrainer
-
     path = resolve_model(config.model, config.trust_remote_code)
     tokenizer = load_tokenizer(path, config)
     dataset = load_records(config.data, set())
@@ -56,8 +48,6 @@ def build_trainer(config: SFTSettings, trainer_class=None, extra_args: dict | No
 
 def raise_wrong_shape(config: SFTSettings, columns: set[str]) -> None:
     """SFT needs messages or prompt/completion records."""
-    from synth.errors import InputError
-
     raise InputError(f"{config.data}: SFT needs 'messages' or 'prompt'/'completion' records, found columns {sorted(columns - {'id'})}")
 
 
@@ -66,7 +56,3 @@ def train(config: SFTSettings) -> TrainResult:
     trainer, tokenizer = build_trainer(config)
     return train_and_save(trainer, config, tokenizer)
 
-
-#: `distill train sft`: discovered by the CLI through these two names.
-METHOD = "sft"
-CONFIG = SFTSettings

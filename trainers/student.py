@@ -15,7 +15,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
 from synth.errors import ConfigError
+from trainers.common import check_model_config, check_output_dir, loading, resolve_model
 
 #: Model types whose decoder is `model.model.layers`, each layer knowing its index only through
 #: `layer_idx` attributes (its KV-cache slot) and per-layer config lists: the Llama family.
@@ -51,12 +56,6 @@ def layers_to_keep(total: int, keep: float | int) -> list[int]:
 
 def derive_student(source_dir: str | Path, keep: float | int, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Write a student made of the kept layers of the model at `source_dir` ('embedded' works) to `out_dir`."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    from trainers.common import check_model_config, check_output_dir, loading, resolve_model
-
     hf_logging.disable_progress_bar()
 
     # Deriving never runs a checkpoint's own code: only the Llama-family types below get past the type check.

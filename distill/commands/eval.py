@@ -6,12 +6,11 @@ import argparse
 
 from distill.config_flags import add_config_flags, load_config
 from synth.redact import redact
+from trainers.settings import EvalSettings
 
 
 def register(sub) -> None:
     """Add `eval`, configured by --config FILE.yaml and flags."""
-    from trainers.evaluate import EvalConfig
-
     p = sub.add_parser(
         "eval",
         help="compare students with their teacher on held-out prompts",
@@ -20,16 +19,17 @@ def register(sub) -> None:
         "teacher with the order swapped. The teacher's and judge's answers are cached: a rerun never pays twice. "
         "Flags override the --config file.",
     )
-    add_config_flags(p, EvalConfig, "evaluation settings")
+    add_config_flags(p, EvalSettings, "evaluation settings")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print the comparison table."""
-    from trainers.evaluate import EvalConfig, evaluate
+    # Imported when it runs: evaluation loads torch and transformers, which `distill --help` must not pay for.
+    from trainers.evaluate import evaluate
     from trainers.report import fmt
 
-    config = load_config(args, EvalConfig)
+    config = load_config(args, EvalSettings)
     result = evaluate(config)
     teacher = result["teacher"]
     print(f"teacher {redact(teacher['spec'])}: {teacher['requests_sent']} requests sent, {teacher['cache_hits']} from the cache; "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 
 def register(sub) -> None:
@@ -39,8 +40,7 @@ def keep_value(text: str) -> float | int:
 
 def run_derive(args: argparse.Namespace) -> int:
     """Derive the student and say what was kept."""
-    import json
-
+    # Imported when it runs: deriving loads torch and transformers, which `distill --help` must not pay for.
     from trainers.student import DERIVED_FROM, derive_student
 
     out = derive_student(args.source, args.keep, args.out, overwrite=args.overwrite)

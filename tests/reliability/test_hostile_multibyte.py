@@ -82,7 +82,8 @@ def test_a_cut_inside_a_character_keeps_whole_characters_and_matching_logprobs(s
 def labeled_then_kd(model: Path, tmp_path: Path, edit=None):
     """`distill generate --logprobs` on the scripted teacher, cut inside 中; then KD's data preparation on its records."""
     from distill.cli import main
-    from trainers.kd import KDSettings, build_trainer
+    from trainers.kd import build_trainer
+    from trainers.settings import KDSettings
 
     prompts = tmp_path / "in.jsonl"
     prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")

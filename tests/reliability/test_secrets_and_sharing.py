@@ -12,7 +12,7 @@ from tests.conftest import free_port
 from tests.fault_server import FaultServer
 from tests.reliability.harness import ROOT, cli_env, run_cli, write_prompts
 from tests.tiny_models import make_tiny_llama
-from trainers.config import TrainConfig
+from trainers.settings import TrainSettings
 
 KEY = "sk-test-0f9e8d7c6b5a4F3E2D1C0B9A"
 
@@ -45,7 +45,7 @@ def test_api_key_from_the_environment_is_in_no_file_a_run_writes(tmp_path):
 
 def test_trust_remote_code_is_off_unless_asked_and_checkpoint_code_never_runs(tmp_path):
     assert TeacherConfig().trust_remote_code is False and parse_teacher_spec("hf:/m").trust_remote_code is False
-    assert TrainConfig().trust_remote_code is False
+    assert TrainSettings().trust_remote_code is False
     model = make_tiny_llama(tmp_path / "model")
     marker = tmp_path / "remote_code_ran"
     (model / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
