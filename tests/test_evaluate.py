@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from synth.errors import ConfigError, InputError
+from synth.generators.label import LabelGenerator, LabelInput, LabelOptions
 from tests.tiny_models import make_tiny_llama
 from trainers import eval_metrics as em
-from synth.generators.label import LabelGenerator, LabelInput, LabelOptions
 from trainers.evaluate import evaluate, load_items, teacher_model_dir
 from trainers.settings import EvalSettings
 

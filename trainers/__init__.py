@@ -37,22 +37,26 @@ METHODS: dict[str, Method] = {
     "dpo": Method("trainers.dpo", DPOSettings, "DPO: TRL's DPOTrainer on preference pairs, with β and its loss variants exposed."),
     "gkd": Method("trainers.gkd", GKDSettings, "GKD: on-policy distillation from a white-box teacher held locally (TRL's experimental GKDTrainer)."),
     "grpo": Method(
-        "trainers.grpo", GRPOSettings,
+        "trainers.grpo",
+        GRPOSettings,
         "GRPO: TRL's GRPOTrainer with the reward model as its reward function, maximising r(x, y) - beta * KL(policy || SFT student).",
-    ),  # fmt: skip
+    ),
     "kd": Method("trainers.kd", KDSettings, "KD: SFT plus a sparse divergence to the teacher's top-k logprobs stored with each example."),
     "ppo": Method(
-        "trainers.ppo", PPOSettings,
+        "trainers.ppo",
+        PPOSettings,
         "PPO: TRL's PPOTrainer against a reward model, maximising r(x, y) - kl_coef * KL(policy || SFT student).",
-    ),  # fmt: skip
+    ),
     "reward": Method(
-        "trainers.reward", RewardSettings,
+        "trainers.reward",
+        RewardSettings,
         "Reward model: TRL's RewardTrainer (Bradley–Terry) on preference pairs, with held-out pairwise accuracy.",
-    ),  # fmt: skip
+    ),
     "rloo": Method(
-        "trainers.rloo", RLOOSettings,
+        "trainers.rloo",
+        RLOOSettings,
         "RLOO: TRL's RLOOTrainer with the reward model as its reward function, maximising r(x, y) - beta * KL(policy || SFT student).",
-    ),  # fmt: skip
+    ),
     "sft": Method("trainers.sft", SFTSettings, "SFT: TRL's SFTTrainer on prompt/completion records (completion-only loss) or multi-turn messages."),
 }
 

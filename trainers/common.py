@@ -11,7 +11,10 @@ import torch
 import transformers
 from matplotlib.figure import Figure
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+from transformers.integrations.integration_utils import (
+    INTEGRATION_TO_CALLBACK,
+    get_available_reporting_integrations,
+)
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 from synth.errors import ConfigError, InputError
@@ -180,6 +183,10 @@ def peft_config(config: TrainSettings, task_type: str = "CAUSAL_LM"):
         target_modules=targets[0] if targets == ["all-linear"] else targets,
         task_type=task_type,
     )
+
+
+#: The columns of preference records (DPO and reward models train on them).
+PAIR_COLUMNS = {"prompt", "chosen", "rejected"}
 
 
 def load_records(path: Path, columns: set[str]):

@@ -8,6 +8,7 @@ from trl import DPOConfig, DPOTrainer
 
 from synth.errors import ConfigError
 from trainers.common import (
+    PAIR_COLUMNS,
     load_model,
     load_records,
     load_tokenizer,
@@ -18,8 +19,6 @@ from trainers.common import (
     trl_args,
 )
 from trainers.settings import DPOSettings, TrainResult
-
-PAIR_COLUMNS = {"prompt", "chosen", "rejected"}
 
 #: TRL's logged DPO statistics reported in the metrics, first and last logged value of each.
 REPORTED = ("rewards/margins", "rewards/accuracies")

@@ -28,7 +28,13 @@ from synth.io import read_jsonl
 from synth.job import open_cache
 from synth.prompts import load_template
 from synth.redact import redact
-from synth.teachers import ChatRequest, Message, SamplingParams, build_teacher, parse_teacher_spec
+from synth.teachers import (
+    ChatRequest,
+    Message,
+    SamplingParams,
+    build_teacher,
+    parse_teacher_spec,
+)
 from synth.teachers.base import TeacherError
 from synth.teachers.cached import CachedTeacher
 from trainers import eval_metrics as em

@@ -11,6 +11,7 @@ from transformers import AutoModelForSequenceClassification, set_seed
 from trl import RewardConfig, RewardTrainer
 
 from trainers.common import (
+    PAIR_COLUMNS,
     load_model,
     load_records,
     load_tokenizer,
@@ -21,8 +22,6 @@ from trainers.common import (
     trl_args,
 )
 from trainers.settings import RewardSettings, TrainResult
-
-PAIR_COLUMNS = {"prompt", "chosen", "rejected"}
 
 
 def build_trainer(config: RewardSettings):
