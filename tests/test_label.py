@@ -344,3 +344,13 @@ def test_bad_inputs_and_settings_fail_before_any_request(tmp_path):
         assert checker.returncode == 1 and "unknown checker 'nope'" in checker.stderr
         assert server.received == 0
     assert not out.exists()
+
+
+def test_a_direct_run_refuses_the_input_as_its_output(tmp_path):
+    from synth.pipelines.label import run
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"question": "q"}\n')
+    with pytest.raises(ConfigError, match="the input is also the output"):
+        run(LabelSettings(input=inp, output=inp, teacher=["openai:x@http://127.0.0.1:9"]))
+    assert inp.read_text() == '{"question": "q"}\n' and not (tmp_path / "in.work").exists()

@@ -21,7 +21,7 @@ from synth.filters.verify import get_checker, probe_checker
 from synth.generators.label import LabelInput, LabelOptions, LabelSample, SampleGenerator, decide, reason_kind
 from synth.io import read_jsonl
 from synth.job import JobSummary, RunSettings, run_job
-from synth.layout import read_rows, rejects_path, stage_output, write_jsonl_atomic
+from synth.layout import check_output, read_rows, rejects_path, stage_output, write_jsonl_atomic
 from synth.records import Reject
 from synth.teachers import TeacherOverrides, resolve_teacher
 
@@ -54,6 +54,8 @@ def run(settings: LabelSettings) -> LabelResult:
     duplicated = [s for s, count in Counter(settings.teacher).items() if count > 1]
     if duplicated:
         raise ConfigError(f"--teacher {duplicated[0]} is given twice; raise -n for more samples instead")
+    demonstrations = [settings.demonstrations] if isinstance(settings.demonstrations, Path) else []
+    check_output(settings.output, [settings.input, *demonstrations])
     teachers = [resolve_teacher(spec, settings.teacher_overrides) for spec in settings.teacher]
     # Template, checker, demonstrations and every input line are checked before any teacher starts.
     order = task_order(SampleGenerator(settings, "check"), settings.input, settings.limit)
