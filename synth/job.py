@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Iterator, Literal, Union
 
 from pydantic import BaseModel
 
-from synth.cache import ResponseCache
+from synth.teachers.cache import ResponseCache
 from synth.errors import DistillError
 from synth.generators.base import Generator
 from synth.io import read_jsonl

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -17,12 +18,12 @@ def cache_home() -> Path:
 
 
 def resource_dir(name: str) -> Path:
-    """A shipped top-level folder (`prompts` or `data`), in a wheel or in a source checkout."""
-    import distill
-
-    package = Path(distill.__file__).resolve().parent
-    installed = package / "_resources" / name
-    if installed.is_dir():
-        return installed
-    # Editable installs and source checkouts: the folder beside the packages.
-    return package.parent / name
+    """A shipped top-level folder (`prompts` or `data`): `distill/_resources/NAME` in an installed wheel, else
+    NAME beside the packages (a source checkout or an editable install)."""
+    # Located through the import system without importing it: synth never runs distill's code.
+    spec = importlib.util.find_spec("distill")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        installed = Path(location) / "_resources" / name
+        if installed.is_dir():
+            return installed
+    return Path(__file__).resolve().parents[1] / name

@@ -1,4 +1,6 @@
-"""The records synthesis writes and training reads, and their TRL column formats.
+"""The records synthesis writes and training reads, their chat turns, and their TRL column formats.
+
+A leaf module: every other part of synth (teachers included) may import it, and it imports none of them.
 
 TRL reads three shapes: `messages`; `prompt`/`completion`; `prompt`/`chosen`/
 `rejected`. Each record here turns into exactly one of them with `to_trl()`.
@@ -12,7 +14,15 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from synth.teachers.base import Message
+
+class Message(BaseModel):
+    """One chat turn: what a teacher is asked and what a record holds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
 
 #: A prompt or answer: plain text, or a list of chat turns (TRL's conversational form).
 Text = Union[str, list[Message]]

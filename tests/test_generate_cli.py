@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from synth.cache import ResponseCache
+from synth.teachers.cache import ResponseCache
 from tests.fault_server import fault_server
 
 

@@ -19,7 +19,7 @@ from synth.records import (
     SoftLabels,
     stable_id,
 )
-from synth.teachers.base import Message
+from synth.records import Message
 
 PROV = Provenance(teacher="t", method="m", task="task")
 

@@ -13,14 +13,7 @@ from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-
-class Message(BaseModel):
-    """One chat turn."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    role: Literal["system", "user", "assistant"]
-    content: str
+from synth.records import Message
 
 
 class SamplingParams(BaseModel):

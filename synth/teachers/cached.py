@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from synth.cache import ResponseCache, request_fingerprint, sample_key
+from synth.teachers.cache import ResponseCache, request_fingerprint, sample_key
 from synth.redact import redact
 from synth.teachers.base import (
     Capabilities,

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from distill.cli import main as distill_main
-from synth.cache import ResponseCache
+from synth.teachers.cache import ResponseCache
 from synth.journal import TaskJournal
 from tests.fault_server import FaultServer
 from tests.reliability.harness import write_prompts

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from synth.errors import InputError
-from synth.teachers.base import ChatRequest, Message, SamplingParams
+from synth.teachers.base import ChatRequest, SamplingParams
+from synth.records import Message
 from synth.teachers.config import TeacherConfig
 from synth.teachers.local import TransformersTeacher
 from tests.tiny_models import make_tiny_llama
