@@ -21,7 +21,7 @@ import yaml
 
 from synth.errors import ConfigError
 from synth.generators.base import Task
-from synth.generators.curate import (
+from synth.generators.curate.stages import (
     AnswerGenerator,
     CellInput,
     QuestionGenerator,
@@ -30,7 +30,7 @@ from synth.generators.curate import (
     parse_questions,
     parse_subtopics,
 )
-from synth.generators.curate_taxonomy import all_cells, load_taxonomy, sample_cells
+from synth.generators.curate.taxonomy import all_cells, load_taxonomy, sample_cells
 from synth.pipelines.curate import CurateSettings, dedup_questions
 from synth.prompts import load_template
 from synth.records import Provenance

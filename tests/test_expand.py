@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from synth.filters.dedup import Shingler
-from synth.generators.expand import answer_problem, instruction_problem, is_refusal
-from synth.generators.expand_evol import (
+from synth.generators.expand.answer import answer_problem, instruction_problem, is_refusal
+from synth.generators.expand.evol import (
     OPERATIONS,
     copies_wording,
     no_gain,
@@ -21,7 +21,7 @@ from synth.generators.expand_evol import (
     parse_verdict,
     pick_operation,
 )
-from synth.generators.expand_selfinstruct import InstructionList, ProposeGenerator, RoundRequest, parse_instruction_list
+from synth.generators.expand.self_instruct import InstructionList, ProposeGenerator, RoundRequest, parse_instruction_list
 from synth.pipelines.evol import EvolSettings
 from synth.pipelines.expand import PoolItem, load_pool, reason_kind
 from synth.pipelines.self_instruct import SelfInstructSettings, round_requests

@@ -17,7 +17,7 @@ import pytest
 from distill.cli import build_parser
 from distill.config_flags import load_config
 from synth.errors import ConfigError
-from synth.generators.feedback import (
+from synth.generators.feedback.base import (
     FeedbackInput,
     Judgment,
     Prompted,
@@ -26,17 +26,17 @@ from synth.generators.feedback import (
     failure_reason,
     pick_best_worst,
 )
-from synth.generators.feedback_critique import (
+from synth.generators.feedback.critique import (
     critique_records,
     parse_critique,
 )
-from synth.generators.feedback_pairwise import (
+from synth.generators.feedback.pairwise import (
     pairwise_pairs,
     panel_decision,
     parse_verdict,
     resolve_swap,
 )
-from synth.generators.feedback_rate import (
+from synth.generators.feedback.rate import (
     JudgeRating,
     RateGenerator,
     RateItem,
@@ -472,7 +472,7 @@ def lp(token: str, logprob: float, top: dict[str, float]):
 def test_winner_probability_reads_the_winner_token_after_a_prefill_or_in_the_reply():
     import math
 
-    from synth.generators.feedback_pairwise import winner_probability
+    from synth.generators.feedback.pairwise import winner_probability
 
     a, b = math.log(0.6), math.log(0.2)
     # The local backend wrote '{"winner": "' itself: the first token is the winner.
@@ -487,7 +487,7 @@ def test_winner_probability_reads_the_winner_token_after_a_prefill_or_in_the_rep
 
 
 def test_swap_shift_cancels_a_position_bias():
-    from synth.generators.feedback_pairwise import resolve_shift
+    from synth.generators.feedback.pairwise import resolve_shift
 
     assert resolve_shift(0.95, 0.80, 0.05) == "i", "P(A) falls when j is shown as A: i is preferred"
     assert resolve_shift(0.80, 0.95, 0.05) == "j"
@@ -501,7 +501,7 @@ def test_swap_shift_cancels_a_position_bias():
 
 
 def test_a_reply_broken_after_its_winner_counts_only_when_p_a_decides():
-    from synth.generators.feedback_pairwise import PairwiseGenerator
+    from synth.generators.feedback.pairwise import PairwiseGenerator
 
     template = load_template("feedback/pairwise", "en")
     cut = '{"winner": "B", "reason": "Response B answers the ques'

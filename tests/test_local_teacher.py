@@ -177,7 +177,7 @@ def test_missing_package_says_how_to_install(monkeypatch):
 
 
 def test_json_replies_open_with_the_first_key_so_small_models_write_values():
-    from synth.generators.feedback_pairwise import Verdict
+    from synth.generators.feedback.pairwise import Verdict
     from synth.teachers.local import json_opening
 
     assert json_opening(None) == ""

@@ -151,5 +151,5 @@ def test_a_stage_fingerprints_the_code_and_templates_it_runs():
     assert {"trainers/evaluate.py", "trainers/eval_metrics.py", "trainers/report.py", "label/cot.en.jinja"} <= names(["eval"])
     assert {"trainers/student.py"} <= names(["student", "derive"])
     assert {"generators/raw.py", "label/cot.en.jinja"} <= names(["generate"], {"template": "label/cot"})
-    assert {"generators/self_knowledge.py", "self/reward.en.jinja"} <= names(["self"])
+    assert {"feedback/self_knowledge.py", "self/reward.en.jinja"} <= names(["self"])
     assert "trainers/sft.py" not in names(["train", "dpo"]), "a method's fingerprint leaves other methods' code out"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from synth.filters.verify import exact_checker, numeric_checker
-from synth.generators.feedback import FeedbackInput, Prompted
-from synth.generators.self_knowledge import (
+from synth.generators.feedback.base import FeedbackInput, Prompted
+from synth.generators.feedback.self_knowledge import (
     best_index,
     consistency_scores,
     refined_answer,

@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from synth.generators.curate import (
+from synth.generators.curate.stages import (
     AnswerGenerator,
     CellInput,
     QuestionGenerator,
@@ -28,7 +28,7 @@ from synth.generators.curate import (
     TopicNode,
     request_schema,
 )
-from synth.generators.curate_taxonomy import (
+from synth.generators.curate.taxonomy import (
     Cell,
     Taxonomy,
     all_cells,

@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from synth.generators.curate_taxonomy import Cell
+from synth.generators.curate.taxonomy import Cell
 from synth.layout import stem, write_text_atomic
 
 

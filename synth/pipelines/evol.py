@@ -2,7 +2,7 @@
 
 Every round's stages are jobs (`OUT.work/round-N-evolve.jsonl`, `-judge`, `-answer`),
 cached and journaled, read back in a fixed order, so a rerun sends nothing and rebuilds
-the same pool, output and rejects. The elimination rules are in synth/generators/expand_evol.py.
+the same pool, output and rejects. The elimination rules are in synth/generators/expand/evol.py.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from synth.filters.dedup import DedupSettings, Deduplicator, DedupStats
-from synth.generators.expand import AnswerGenerator, AnswerInput
-from synth.generators.expand_evol import (
+from synth.generators.expand.answer import AnswerGenerator, AnswerInput
+from synth.generators.expand.evol import (
     OPERATIONS,
     EvolInput,
     Evolved,

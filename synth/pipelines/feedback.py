@@ -14,10 +14,10 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from synth.errors import ConfigError
-from synth.generators.feedback import CandidateGenerator, Prompted, assemble, candidates_from_rows
-from synth.generators.feedback_critique import CritiqueGenerator, all_critique_records, critique_items
-from synth.generators.feedback_pairwise import PairwiseGenerator, pair_items, pairwise_records
-from synth.generators.feedback_rate import DEFAULT_ASPECTS, RateGenerator, rate_items, rate_records
+from synth.generators.feedback.base import CandidateGenerator, Prompted, assemble, candidates_from_rows
+from synth.generators.feedback.critique import CritiqueGenerator, all_critique_records, critique_items
+from synth.generators.feedback.pairwise import PairwiseGenerator, pair_items, pairwise_records
+from synth.generators.feedback.rate import DEFAULT_ASPECTS, RateGenerator, rate_items, rate_records
 from synth.job import RunSettings
 from synth.layout import check_output, sibling, write_jsonl_atomic
 from synth.pipelines.stages import PIPELINE_FIELDS, StagedResult, Stages, TeacherPool, read_inputs

@@ -20,8 +20,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from synth.filters.dedup import DedupSettings, Deduplicator, DedupStats
-from synth.generators.expand import NON_TEXT_WORDS, AnswerGenerator, AnswerInput, instruction_problem
-from synth.generators.expand_selfinstruct import Candidate, InstructionList, ProposeGenerator, RoundRequest
+from synth.generators.expand.answer import NON_TEXT_WORDS, AnswerGenerator, AnswerInput, instruction_problem
+from synth.generators.expand.self_instruct import Candidate, InstructionList, ProposeGenerator, RoundRequest
 from synth.io import read_jsonl
 from synth.job import RunSettings, run_job
 from synth.layout import check_output, read_rows, stage_output, write_jsonl_atomic

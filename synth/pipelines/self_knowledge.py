@@ -14,10 +14,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from synth.filters.verify import get_checker, probe_checker
-from synth.generators.feedback import CandidateGenerator, Prompted, assemble, candidates_from_rows
-from synth.generators.feedback_rate import DEFAULT_ASPECTS, RateGenerator, panel_scores, rate_items, ratings_by_key
+from synth.generators.feedback.base import CandidateGenerator, Prompted, assemble, candidates_from_rows
+from synth.generators.feedback.rate import DEFAULT_ASPECTS, RateGenerator, panel_scores, rate_items, ratings_by_key
 from synth.generators.raw import RawGenerator, TemplateInput
-from synth.generators.self_knowledge import best_index, consistency_scores, self_records
+from synth.generators.feedback.self_knowledge import best_index, consistency_scores, self_records
 from synth.job import RunSettings
 from synth.layout import check_output, sibling, write_jsonl_atomic
 from synth.pipelines.stages import PIPELINE_FIELDS, StagedResult, Stages, TeacherPool, read_inputs

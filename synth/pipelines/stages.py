@@ -16,7 +16,7 @@ from typing import Any, Callable, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from synth.errors import InputError, describe_validation_error
-from synth.generators.feedback import FeedbackInput, reason_category
+from synth.generators.feedback.base import FeedbackInput, reason_category
 from synth.io import read_jsonl
 from synth.job import JobSummary, RunSettings, run_job
 from synth.layout import read_rows, rejects_path, stage_dir, stage_output, write_jsonl_atomic

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from synth.generators.feedback import JudgeGenerator, Prompted, answer_value, mean
+from synth.generators.feedback.base import JudgeGenerator, Prompted, answer_value, mean
 from synth.records import (
     Critique,
     PreferencePair,

@@ -3,8 +3,8 @@
 A feedback job runs in stages: candidate responses are generated (or read from the
 input), then each judge of the panel judges them in its own job (one `Judgment`
 record per parsed reply), then a pure aggregation step turns the judgments into
-preference pairs, critiques and SFT examples. The modes live in `feedback_rate`,
-`feedback_pairwise` and `feedback_critique`.
+preference pairs, critiques and SFT examples. The modes live in `rate`,
+`pairwise` and `critique`.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from synth.filters.dedup import Shingler, normalize, tokenize
 from synth.generators.base import Generator, Outcome, Task
-from synth.generators.expand import is_refusal
+from synth.generators.expand.answer import is_refusal
 from synth.records import Provenance, Reject, stable_id
 from synth.structured import parse_model
 from synth.teachers.base import ChatRequest, ChatResponse, Message

@@ -1,7 +1,7 @@
 """Self-knowledge: the student samples several answers, scores them itself, keeps the best (maybe refined).
 
 Scoring is either self-reward (the student rates its own samples with the rate mode's
-reply model, `feedback_rate.RateGenerator` on the `self/reward` template) or
+reply model, `rate.RateGenerator` on the `self/reward` template) or
 self-consistency (samples whose extracted final answers agree score higher; answer
 extraction and comparison come from `synth.filters.verify`). Refinement asks the student
 to critique its best answer (`self/critique`), then to rewrite it given that critique
@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from synth.filters.verify import Checker, extract_answer, group_answers
-from synth.generators.feedback import Prompted, answer_value, pick_best_worst
+from synth.generators.feedback.base import Prompted, answer_value, pick_best_worst
 from synth.records import PreferencePair, Provenance, Reject, SFTExample, stable_id
 
 

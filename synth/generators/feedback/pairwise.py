@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from synth.generators.base import Task
-from synth.generators.feedback import JudgeGenerator, Prompted, answer_value
+from synth.generators.feedback.base import JudgeGenerator, Prompted, answer_value
 from synth.records import PreferencePair, Provenance, Reject, stable_id
 from synth.structured import parse_model
 from synth.teachers.base import Completion, Message

@@ -1,6 +1,6 @@
 """Expansion, the parts Self-Instruct and Evol-Instruct share: instruction and answer filters, the answer generator.
 
-Self-Instruct's generators live in expand_selfinstruct.py, Evol-Instruct's in expand_evol.py;
+Self-Instruct's generators live in self_instruct.py, Evol-Instruct's in evol.py;
 their pipelines in synth/pipelines/. Both end with the answer stage here: each kept
 instruction is answered by the teacher and becomes an SFT example in TRL's conversational
 prompt/completion form (prompt = the chat the teacher answered, completion = [its assistant message]).

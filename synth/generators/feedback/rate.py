@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from synth.generators.feedback import (
+from synth.generators.feedback.base import (
     JudgeGenerator,
     Prompted,
     answer_value,

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from synth.generators.base import Generator, Outcome, Task
-from synth.generators.expand import is_refusal
+from synth.generators.expand.answer import is_refusal
 from synth.records import Provenance, Reject, stable_id
 from synth.structured import parse_model
 from synth.teachers.base import ChatRequest, ChatResponse, Message

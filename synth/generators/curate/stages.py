@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from synth.generators.base import Generator, Outcome, Task
-from synth.generators.curate_taxonomy import normalize_name
+from synth.generators.curate.taxonomy import normalize_name
 from synth.generators.raw import soft_labels_of
 from synth.records import Provenance, Reject, SFTExample, stable_id
 from synth.structured import parse_model
