@@ -22,8 +22,8 @@ import yaml
 from synth.errors import ConfigError
 from synth.generators.base import Task
 from synth.generators.curate.stages import (
-    AnswerGenerator,
     CellInput,
+    QuestionAnswerGenerator,
     QuestionGenerator,
     QuestionInput,
     QuestionRecord,
@@ -231,7 +231,7 @@ def test_question_generator_resamples_once_then_rejects_with_the_raw_text():
 
 
 def test_answer_generator_writes_trl_prompt_completion_and_rejects_truncated_or_empty():
-    gen = AnswerGenerator(SamplingParams(max_tokens=64), "test:t", load_template("curate/answer", "zh"))
+    gen = QuestionAnswerGenerator(SamplingParams(max_tokens=64), "test:t", load_template("curate/answer", "zh"))
     item = QuestionInput(question="1+1 等于几？", meta={"cell": "c", "topic": ["算术"], "task_type": "计算题", "difficulty": "简单", "knowledge_point": None})
     task = _task(item, gen)
     assert "请回答下面的问题" in task.request.messages[0].content
@@ -243,7 +243,7 @@ def test_answer_generator_writes_trl_prompt_completion_and_rejects_truncated_or_
     assert gen.parse(task, task.request, _response("  "), final=True).rejects[0].reason.endswith("empty answer")
     cut = gen.parse(task, task.request, _response("首先", finish="length"), final=False)
     assert not cut.records and "truncated answer" in cut.rejects[0].reason
-    teacher_form = AnswerGenerator(SamplingParams(max_tokens=64), "test:t", load_template("curate/answer", "zh"), prompt_form="teacher")
+    teacher_form = QuestionAnswerGenerator(SamplingParams(max_tokens=64), "test:t", load_template("curate/answer", "zh"), prompt_form="teacher")
     assert teacher_form.task_id(item) != task.id, "a different record shape is a different task"
 
 

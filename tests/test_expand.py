@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from synth.filters.dedup import Shingler
-from synth.generators.expand.answer import answer_problem, instruction_problem, is_refusal
+from synth.filters.refusal import refusal
+from synth.generators.expand.answer import answer_problem, instruction_problem
 from synth.generators.expand.evol import (
     OPERATIONS,
     copies_wording,
@@ -157,7 +158,7 @@ def test_answer_rules(answer, finish, kind):
 
 def test_a_long_answer_that_says_sorry_once_is_kept():
     long = "Sorry for the wait. " + "Here is a detailed explanation of the water cycle and its stages. " * 10
-    assert not is_refusal(long) and answer_problem(long, "stop", 3, 80) is None
+    assert not refusal(long, within_words=80) and answer_problem(long, "stop", 3, 80) is None
 
 
 @pytest.mark.parametrize(

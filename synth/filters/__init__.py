@@ -1,1 +1,1 @@
-"""Filters over generated text: exact and near-duplicate removal, and the like."""
+"""Filters over generated text: exact and near-duplicate removal, refusals, answer checks."""

@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel
 
-from synth.records import Provenance, Reject, stable_id
-from synth.teachers.base import ChatRequest, ChatResponse, Message, SamplingParams
+from synth.records import Message, Provenance, Reject, stable_id
+from synth.teachers.base import ChatRequest, ChatResponse, SamplingParams
 
 
 def _has_text(value: str) -> str:
@@ -71,6 +71,8 @@ class Generator(abc.ABC):
     method: str = ""
     #: Pydantic model each input line is validated against before any work starts.
     input_model: type[BaseModel]
+    #: The `kind` of the records `parse` makes: records.py's "sft", "preference" or "critique", or a stage record's own.
+    emits: str
 
     def __init__(self, params: SamplingParams, teacher_name: str, template=None):
         self.params = params

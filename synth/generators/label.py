@@ -158,6 +158,7 @@ class LabelGenerator(Generator):
 
     method = "label"
     input_model = LabelInput
+    emits = "sft"
 
     def __init__(self, config: LabelOptions, teacher_name: str, tokenizer: str | None = None):
         template = load_template(config.template, config.lang)
@@ -230,6 +231,8 @@ class LabelGenerator(Generator):
 
 class SampleGenerator(LabelGenerator):
     """Only samples: every completion is kept as a LabelSample, for a later vote across teachers."""
+
+    emits = "label_sample"
 
     def parse(self, task: Task, request: ChatRequest, response: ChatResponse, final: bool) -> Outcome:
         """Every sample, answered or not; nothing is rejected here."""

@@ -8,8 +8,8 @@ import jsonschema
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from synth.generators.base import Generator, Outcome, PromptText, Task, Turn, check_chat
-from synth.records import Reject, SFTExample, SoftLabels, stable_id
-from synth.teachers.base import ChatRequest, ChatResponse, Completion, Message
+from synth.records import Message, Reject, SFTExample, SoftLabels, stable_id
+from synth.teachers.base import ChatRequest, ChatResponse, Completion
 
 
 class PromptInput(BaseModel):
@@ -57,6 +57,7 @@ class RawGenerator(Generator):
     """One SFT example per sample: the input chat plus the teacher's answer."""
 
     method = "generate"
+    emits = "sft"
 
     def __init__(self, params, teacher_name, template=None, system: str | None = None, tokenizer: str | None = None):
         super().__init__(params, teacher_name, template)

@@ -16,8 +16,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from synth.generators.curate.stages import (
-    AnswerGenerator,
     CellInput,
+    QuestionAnswerGenerator,
     QuestionGenerator,
     QuestionInput,
     QuestionList,
@@ -174,8 +174,8 @@ def _run(config: CurateSettings, output: Path, teacher: Teacher, settings: RunSe
         for q in kept:
             yield f"question {q.id} ({q.question[:40]!r})", QuestionInput(question=q.question, meta={**q.meta, "question_index": q.index})
 
-    def make_answerer(t: Teacher) -> AnswerGenerator:
-        return AnswerGenerator(
+    def make_answerer(t: Teacher) -> QuestionAnswerGenerator:
+        return QuestionAnswerGenerator(
             a_params, t.spec, a_template, instruction=config.answer_instruction, tokenizer=t.tokenizer_name, prompt_form=config.prompt_form
         )
 

@@ -14,16 +14,16 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from synth.filters.dedup import DedupSettings, Deduplicator, DedupStats
-from synth.generators.expand.answer import AnswerGenerator, AnswerInput
+from synth.generators.expand.answer import AnswerInput, InstructionAnswerGenerator
 from synth.generators.expand.evol import (
     OPERATIONS,
+    EquivalenceInput,
+    EquivalenceJudge,
+    EquivalenceVerdict,
     EvolInput,
     Evolved,
     EvolvedPrompt,
     EvolveGenerator,
-    JudgeGenerator,
-    JudgeInput,
-    Verdict,
     copies_wording,
     no_gain,
     pick_operation,
@@ -169,7 +169,7 @@ class _Run:
         answers = [(f"round {rnd} evolved {e.id}", AnswerInput(id=e.id, instruction=e.instruction,
                     meta={"method": "evol-instruct", "operation": e.operation, "round": rnd, "parent": e.parent, "root": e.root, "original": e.original}))
                    for e in pending]  # fmt: skip
-        a_out = self.job(f"round-{rnd}-answer", lambda t: AnswerGenerator(a_params, t.spec, a_template, method="evol-instruct", min_words=c.min_answer_words,
+        a_out = self.job(f"round-{rnd}-answer", lambda t: InstructionAnswerGenerator(a_params, t.spec, a_template, method="evol-instruct", min_words=c.min_answer_words,
                          refusal_words=c.refusal_words, tokenizer=t.tokenizer_name), answers, f"evol round {rnd} answers")  # fmt: skip
         answered = {}
         for row in read_rows(a_out):
@@ -187,9 +187,9 @@ class _Run:
         """Ask the teacher whether each evolution equals its original; keep the unequal ones."""
         params = SamplingParams(temperature=0.0, max_tokens=self.c.judge_max_tokens, seed=self.c.seed)
         template = load_template(self.c.judge_template, self.c.lang)
-        items = [(f"round {rnd} judge {e.id}", JudgeInput(id=e.id, original=e.original, evolved=e.instruction)) for e in pending]
-        out = self.job(f"round-{rnd}-judge", lambda t: JudgeGenerator(params, t.spec, template), items, f"evol round {rnd} judge")
-        verdicts = {v.id: v for v in _read(out, Verdict)}
+        items = [(f"round {rnd} judge {e.id}", EquivalenceInput(id=e.id, original=e.original, evolved=e.instruction)) for e in pending]
+        out = self.job(f"round-{rnd}-judge", lambda t: EquivalenceJudge(params, t.spec, template), items, f"evol round {rnd} judge")
+        verdicts = {v.id: v for v in _read(out, EquivalenceVerdict)}
         kept = []
         for e in pending:
             v = verdicts.get(e.id)

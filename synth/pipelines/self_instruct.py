@@ -20,7 +20,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from synth.filters.dedup import DedupSettings, Deduplicator, DedupStats
-from synth.generators.expand.answer import NON_TEXT_WORDS, AnswerGenerator, AnswerInput, instruction_problem
+from synth.generators.expand.answer import NON_TEXT_WORDS, AnswerInput, InstructionAnswerGenerator, instruction_problem
 from synth.generators.expand.self_instruct import Candidate, InstructionList, ProposeGenerator, RoundRequest
 from synth.io import read_jsonl
 from synth.job import RunSettings, run_job
@@ -129,7 +129,7 @@ def _run(config: SelfInstructSettings, output: Path, teacher: Teacher, settings:
     a_template = load_template(config.answer_template, config.lang)
     items = [AnswerInput(id=p.id, instruction=p.instruction, input=p.input, meta={"method": "self-instruct"}) for p in new]
     answers = run_job(
-        lambda t: AnswerGenerator(a_params, t.spec, a_template, method="self-instruct", tokenizer=t.tokenizer_name),
+        lambda t: InstructionAnswerGenerator(a_params, t.spec, a_template, method="self-instruct", tokenizer=t.tokenizer_name),
         lambda: ((f"instruction {i.id}", i) for i in items), output, teacher, settings, label="self-instruct answers",
     )  # fmt: skip
     stages["answers"] = answers

@@ -1,4 +1,4 @@
-"""Curation from meta-information: the three generators and the parsers they share.
+"""Curation from meta-information: the subtopic, question and answer generators and the parsers they share.
 
 Stages: grow a topic tree (optional) → questions x ~ p(x | I ⊕ m) for each cell of
 meta-information m → answers y ~ p(y | I ⊕ x). The pipeline is synth/pipelines/curate.py.
@@ -9,62 +9,51 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
+from synth.filters.refusal import refusal
+from synth.generators.answer import AnswerGenerator
 from synth.generators.base import Generator, Outcome, Task
 from synth.generators.curate.taxonomy import normalize_name
-from synth.generators.raw import soft_labels_of
-from synth.records import Provenance, Reject, SFTExample, stable_id
-from synth.structured import parse_model
-from synth.teachers.base import ChatRequest, ChatResponse, Message
+from synth.records import Message, Provenance, Reject, stable_id
+from synth.structured import ListReply, parse_model
+from synth.teachers.base import ChatRequest, ChatResponse, Completion
 
-# Phrases a reply opens with when the model declines; only consulted when it holds no JSON.
-_REFUSAL = re.compile(r"^\W*(i'?m sorry|i am sorry|sorry|i cannot|i can'?t|i am unable|i'm unable|as an ai|抱歉|对不起|很抱歉|我不能|我无法)", re.I)
 _NUMBERING = re.compile(r"^\s*(?:\d{1,3}[.)、:]|[-*•])\s+")
 _ITEM_KEYS = ("question", "name", "topic", "subtopic", "text", "title")
 # The templates' format examples are placeholders like "<question 1>": a weak teacher copies them.
 _PLACEHOLDER = re.compile(r"^(<[^<>]*>|\.\.\.|…)$")
 
 
-def _items_of(value: Any, key: str) -> Any:
-    """Lenient shapes: a bare list is the list; objects inside it may wrap the string."""
-    if isinstance(value, list):
-        value = {key: value}
-    if isinstance(value, dict) and isinstance(value.get(key), list):
-        items = []
-        for item in value[key]:
+class _TextListReply(ListReply):
+    """A list of strings; objects inside it may wrap the string, and placeholders and numbering are dropped."""
+
+    @classmethod
+    def list_items(cls, items: list[Any]) -> list[Any]:
+        """The strings, unwrapped, without numbering; placeholders and non-strings dropped."""
+        out = []
+        for item in items:
             if isinstance(item, dict):
                 item = next((item[k] for k in _ITEM_KEYS if isinstance(item.get(k), str)), None)
             if isinstance(item, str) and not _PLACEHOLDER.match(item.strip()):
-                items.append(_NUMBERING.sub("", item).strip())
-        value = {**value, key: items}
-    return value
+                out.append(_NUMBERING.sub("", item).strip())
+        return out
 
 
-class QuestionList(BaseModel):
+class QuestionList(_TextListReply):
     """The teacher's reply to a question request: `{"questions": ["...", ...]}`."""
 
-    model_config = ConfigDict(extra="ignore")
+    list_key = "questions"
 
     questions: list[str] = Field(description="New, self-contained questions, one string each.")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _lenient(cls, value: Any) -> Any:
-        return _items_of(value, "questions")
 
-
-class SubtopicList(BaseModel):
+class SubtopicList(_TextListReply):
     """The teacher's reply to a subtopic request: `{"subtopics": ["...", ...]}`."""
 
-    model_config = ConfigDict(extra="ignore")
+    list_key = "subtopics"
 
     subtopics: list[str] = Field(description="Short names of distinct, narrower subtopics.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _lenient(cls, value: Any) -> Any:
-        return _items_of(value, "subtopics")
 
 
 def request_schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -79,7 +68,8 @@ def _why_unparsable(text: str, finish_reason: str | None, why: str) -> str:
         return "truncated: hit max_tokens before the JSON was complete"
     if not text.strip():
         return "empty: the reply is empty"
-    if why == "no JSON found in the reply" and _REFUSAL.match(text):
+    # Only a reply without JSON can be a refusal: one with JSON tried to answer.
+    if why == "no JSON found in the reply" and refusal(text):
         return "refusal: the teacher declined"
     return f"unparsable: {why}"
 
@@ -164,6 +154,7 @@ class SubtopicGenerator(_JsonListGenerator):
 
     method = "curate-tree"
     input_model = TopicNode
+    emits = "subtopics"
 
     def messages(self, item: TopicNode, where: str) -> list[Message]:
         """The subtopic request for one topic."""
@@ -218,6 +209,7 @@ class QuestionGenerator(_JsonListGenerator):
 
     method = "curate-questions"
     input_model = CellInput
+    emits = "question"
 
     def messages(self, item: CellInput, where: str) -> list[Message]:
         """The question request for one cell."""
@@ -246,16 +238,15 @@ class QuestionInput(BaseModel):
     meta: dict[str, Any]
 
 
-class AnswerGenerator(Generator):
-    """Answers each question; records are TRL prompt/completion chats with the cell in meta."""
+class QuestionAnswerGenerator(AnswerGenerator):
+    """Answers each curated question; records are TRL prompt/completion chats with the cell in meta."""
 
     method = "curate"
     input_model = QuestionInput
 
     def __init__(self, params, teacher_name, template=None, *, instruction: str | None = None, tokenizer: str | None = None, prompt_form: str = "question"):
-        super().__init__(params, teacher_name, template)
+        super().__init__(params, teacher_name, template, tokenizer=tokenizer)
         self.instruction = instruction
-        self.tokenizer = tokenizer
         self.prompt_form = prompt_form
 
     def task_id(self, item: BaseModel) -> str:
@@ -269,28 +260,18 @@ class AnswerGenerator(Generator):
         """The answer request: the instruction (the template's own unless one is given) and the question."""
         return [Message(role="user", content=self.template.render(where, question=item.question, instruction=self.instruction))]
 
-    def parse(self, task: Task, request: ChatRequest, response: ChatResponse, final: bool) -> Outcome:
-        """Truncated answers are rejected; empty ones resampled once, then rejected."""
-        out = Outcome()
-        item: QuestionInput = task.input
-        prompt = [Message(role="user", content=item.question)] if self.prompt_form == "question" else list(request.messages)
-        for i, completion in enumerate(response.completions):
-            sample = request.sample_offset + i
-            if completion.finish_reason == "length":
-                out.rejects.append(_reject(task, "truncated answer: hit max_tokens", sample, completion.text))
-            elif not completion.text.strip():
-                out.bad_sample(_reject(task, "empty answer", sample, completion.text), retry=not final)
-            else:
-                out.records.append(
-                    SFTExample(
-                        id=stable_id(task.id, sample),
-                        prompt=prompt,
-                        # Unstripped, so it stays aligned with the soft labels' tokens.
-                        completion=[Message(role="assistant", content=completion.text)],
-                        soft_labels=soft_labels_of(completion, self.tokenizer),
-                        meta={**item.meta, "finish_reason": completion.finish_reason},
-                        provenance=self.provenance(task, sample),
-                    )
-                )
-        return out
+    def problem(self, completion: Completion) -> str | None:
+        """Truncated or empty; any other answer is kept."""
+        if completion.finish_reason == "length":
+            return "truncated answer: hit max_tokens"
+        if not completion.text.strip():
+            return "empty answer"
+        return None
 
+    def reject(self, task: Task, sample: int, problem: str, raw: str) -> Reject:
+        """`sample N: <problem>`."""
+        return _reject(task, problem, sample, raw)
+
+    def prompt(self, task: Task, request: ChatRequest) -> list[Message]:
+        """The question alone (the default form), or the whole request with its instruction."""
+        return [Message(role="user", content=task.input.question)] if self.prompt_form == "question" else list(request.messages)

@@ -1,4 +1,4 @@
-"""Expansion, the parts Self-Instruct and Evol-Instruct share: instruction and answer filters, the answer generator.
+"""Expansion, the parts Self-Instruct and Evol-Instruct share: instruction and answer filters, the instruction answerer.
 
 Self-Instruct's generators live in self_instruct.py, Evol-Instruct's in evol.py;
 their pipelines in synth/pipelines/. Both end with the answer stage here: each kept
@@ -14,23 +14,19 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from synth.filters.dedup import normalize, tokenize
-from synth.generators.base import Generator, Outcome, Task
-from synth.generators.raw import soft_labels_of
-from synth.records import Reject, SFTExample, stable_id
-from synth.teachers.base import ChatRequest, ChatResponse, Message
+from synth.filters.refusal import refusal
+from synth.generators.answer import AnswerGenerator
+from synth.generators.base import Task
+from synth.records import Message, Reject
+from synth.teachers.base import Completion
 
 #: Self-Instruct's list of tasks a text model cannot do, and their Chinese counterparts.
 NON_TEXT_WORDS = ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
                   "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram",
                   "图片", "图像", "画一", "绘制", "视频", "音频", "音乐", "流程图", "示意图"]  # fmt: skip
 
-# Phrases of a reply that declines; a long reply mentioning "sorry" once is usually a real answer.
-_REFUSAL = re.compile(
-    r"\b(i'?m sorry|i am sorry|sorry, but|i apologi[sz]e|i cannot|i can'?t (help|assist|provide|do)|i am unable|"
-    r"i'?m unable|i'?m not able|as an ai|as a language model|as an artificial intelligence)\b"
-    r"|抱歉|对不起|很遗憾|我无法|我不能|作为一个?(ai|人工智能|语言模型)",
-    re.IGNORECASE,
-)
+#: A free-text reply shorter than this many words that holds a refusal phrase declines (WizardLM's rule).
+REFUSAL_WORDS = 80
 _STOP = set("a an the and or but of to in on at for with by is are was were be been it this that these those i you he she we "
             "they me my your our their as so if then than there here do does did not no yes ok okay".split())
 
@@ -60,11 +56,6 @@ def instruction_problem(text: str, min_len: int, max_len: int, blocked: list[str
     return None
 
 
-def is_refusal(text: str, max_words: int = 80) -> bool:
-    """A reply that declines: a refusal phrase in a reply shorter than `max_words` (WizardLM's rule)."""
-    return bool(_REFUSAL.search(text)) and length_of(text) < max_words
-
-
 def content_words(text: str) -> int:
     """Tokens that are not punctuation or stop words."""
     return sum(1 for t in tokenize(normalize(text)) if t not in _STOP)
@@ -76,7 +67,7 @@ def answer_problem(text: str, finish_reason: str | None, min_words: int, refusal
         return "truncated: the answer hit max_tokens"
     if not text.strip():
         return "empty: the answer is empty"
-    if is_refusal(text, refusal_words):
+    if refusal(text, within_words=refusal_words):
         return "refusal: the answer declines"
     n = content_words(text)
     if n < min_words:
@@ -96,42 +87,31 @@ class AnswerInput(BaseModel):
     meta: dict[str, Any] = Field(default_factory=dict)
 
 
-class AnswerGenerator(Generator):
+class InstructionAnswerGenerator(AnswerGenerator):
     """Answers one instruction; problems (truncated, refusal, too short) become rejects, empty ones are resampled once."""
 
     input_model = AnswerInput
 
-    def __init__(self, params, teacher_name, template, *, method: str, min_words: int = 1, refusal_words: int = 80,
+    def __init__(self, params, teacher_name, template, *, method: str, min_words: int = 1, refusal_words: int = REFUSAL_WORDS,
                  tokenizer: str | None = None, reason_prefix: str = ""):  # fmt: skip
-        super().__init__(params, teacher_name, template)
+        super().__init__(params, teacher_name, template, tokenizer=tokenizer)
         self.method = method
         self.min_words = min_words
         self.refusal_words = refusal_words
-        self.tokenizer = tokenizer
         self.reason_prefix = reason_prefix
 
     def messages(self, item: AnswerInput, where: str) -> list[Message]:
         """The instruction (and its input) through the answer template."""
         return [Message(role="user", content=self.template.render(where, instruction=item.instruction, input=item.input))]
 
-    def parse(self, task: Task, request: ChatRequest, response: ChatResponse, final: bool) -> Outcome:
-        """One SFT example per good answer."""
-        out = Outcome()
-        item: AnswerInput = task.input
-        for i, completion in enumerate(response.completions):
-            sample = request.sample_offset + i
-            problem = answer_problem(completion.text, completion.finish_reason, self.min_words, self.refusal_words)
-            if problem is not None:
-                # Only an empty answer is worth asking again; a refusal or a short one would likely repeat.
-                out.bad_sample(Reject(task=task.id, reason=self.reason_prefix + problem, input=item.model_dump(mode="json"), raw=[completion.text]),
-                               retry=not final and problem.startswith("empty"))  # fmt: skip
-            else:
-                out.records.append(SFTExample(
-                    id=stable_id(task.id, sample),
-                    prompt=list(request.messages),
-                    completion=[Message(role="assistant", content=completion.text)],
-                    soft_labels=soft_labels_of(completion, self.tokenizer),
-                    meta={**item.meta, "instruction_id": item.id, "finish_reason": completion.finish_reason},
-                    provenance=self.provenance(task, sample),
-                ))  # fmt: skip
-        return out
+    def problem(self, completion: Completion) -> str | None:
+        """Truncated, empty, a refusal or too short (`answer_problem`)."""
+        return answer_problem(completion.text, completion.finish_reason, self.min_words, self.refusal_words)
+
+    def reject(self, task: Task, sample: int, problem: str, raw: str) -> Reject:
+        """The problem after the stage's reason prefix."""
+        return Reject(task=task.id, reason=self.reason_prefix + problem, input=task.input.model_dump(mode="json"), raw=[raw])
+
+    def meta(self, item: AnswerInput, completion: Completion) -> dict[str, Any]:
+        """The instruction's meta and id, and how the answer finished."""
+        return {**item.meta, "instruction_id": item.id, "finish_reason": completion.finish_reason}

@@ -30,11 +30,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from synth.filters.dedup import Shingler, normalize, tokenize
+from synth.filters.refusal import refusal
 from synth.generators.base import Generator, Outcome, Task
-from synth.generators.expand.answer import is_refusal
-from synth.records import Provenance, Reject, stable_id
+from synth.generators.expand.answer import REFUSAL_WORDS
+from synth.records import Message, Provenance, Reject, stable_id
 from synth.structured import parse_model
-from synth.teachers.base import ChatRequest, ChatResponse, Message
+from synth.teachers.base import ChatRequest, ChatResponse
 
 IN_DEPTH = ("constraints", "deepen", "concretize", "reasoning", "complicate_input")
 OPERATIONS = (*IN_DEPTH, "breadth")
@@ -72,7 +73,7 @@ def parse_evolved(text: str, finish_reason: str | None = None) -> tuple[str | No
     A reply with no "{" at all is taken as the bare prompt (teachers without JSON output).
     """
     parsed, why = parse_model(text, EvolvedPrompt)
-    if parsed is None and "{" not in text and text.strip() and finish_reason != "length" and not is_refusal(text):
+    if parsed is None and "{" not in text and text.strip() and finish_reason != "length" and not refusal(text, within_words=REFUSAL_WORDS):
         # No JSON attempted at all: WizardLM's own format is the bare rewritten prompt, so take the text.
         parsed = EvolvedPrompt(instruction=text)
     if parsed is None:
@@ -80,7 +81,7 @@ def parse_evolved(text: str, finish_reason: str | None = None) -> tuple[str | No
             return None, f"truncated: the reply hit max_tokens before its JSON was complete ({why})"
         if not text.strip():
             return None, "empty: the reply is empty"
-        if is_refusal(text):
+        if refusal(text, within_words=REFUSAL_WORDS):
             return None, "refusal: the teacher declined"
         return None, f"unparsable: {why}"
     prompt = parsed.instruction.strip()
@@ -160,6 +161,7 @@ class EvolveGenerator(Generator):
 
     method = "evol-instruct"
     input_model = EvolInput
+    emits = "evolved"
 
     def __init__(self, params, teacher_name, templates: dict[str, Any]):
         super().__init__(params, teacher_name, None)
@@ -194,8 +196,8 @@ class EvolveGenerator(Generator):
         return out
 
 
-class JudgeInput(BaseModel):
-    """An evolution to judge for information gain."""
+class EquivalenceInput(BaseModel):
+    """An evolution to judge for information gain: is it equal to its original?"""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -204,8 +206,8 @@ class JudgeInput(BaseModel):
     evolved: str
 
 
-class Verdict(BaseModel):
-    """The teacher's judgement of one evolution (a judge job's record)."""
+class EquivalenceVerdict(BaseModel):
+    """The teacher's judgement of one evolution (an equivalence job's record)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -216,13 +218,14 @@ class Verdict(BaseModel):
     provenance: Provenance
 
 
-class JudgeGenerator(Generator):
-    """WizardLM's information-gain check: the teacher says whether two prompts are equal."""
+class EquivalenceJudge(Generator):
+    """WizardLM's information-gain check: the teacher says whether an evolved prompt equals its original (then it is eliminated)."""
 
     method = "evol-instruct-judge"
-    input_model = JudgeInput
+    input_model = EquivalenceInput
+    emits = "verdict"
 
-    def messages(self, item: JudgeInput, where: str) -> list[Message]:
+    def messages(self, item: EquivalenceInput, where: str) -> list[Message]:
         """The comparison question."""
         return [Message(role="user", content=self.template.render(where, original=item.original, evolved=item.evolved))]
 
@@ -236,5 +239,5 @@ class JudgeGenerator(Generator):
                 out.bad_sample(Reject(task=task.id, reason=f"sample {sample}: unparsable verdict: neither Equal nor Not Equal",
                                       input=task.input.model_dump(mode="json"), raw=[completion.text]), retry=not final)  # fmt: skip
             else:
-                out.records.append(Verdict(id=task.input.id, equal=verdict, text=completion.text, provenance=self.provenance(task, sample)))
+                out.records.append(EquivalenceVerdict(id=task.input.id, equal=verdict, text=completion.text, provenance=self.provenance(task, sample)))
         return out

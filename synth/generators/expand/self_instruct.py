@@ -11,11 +11,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from synth.filters.refusal import refusal
 from synth.generators.base import Generator, Outcome, Task
-from synth.generators.expand.answer import is_refusal
-from synth.records import Provenance, Reject, stable_id
-from synth.structured import parse_model
-from synth.teachers.base import ChatRequest, ChatResponse, Message
+from synth.generators.expand.answer import REFUSAL_WORDS
+from synth.records import Message, Provenance, Reject, stable_id
+from synth.structured import ListReply, parse_model
+from synth.teachers.base import ChatRequest, ChatResponse
 
 
 class NewInstruction(BaseModel):
@@ -41,23 +42,13 @@ class NewInstruction(BaseModel):
         return value
 
 
-class InstructionList(BaseModel):
+class InstructionList(ListReply):
     """The teacher's reply: `{"instructions": [{"instruction": "...", "input": "..."}, ...]}`."""
 
-    model_config = ConfigDict(extra="ignore")
+    list_key = "instructions"
+    list_aliases = ("tasks", "new_instructions", "items", "data")
 
     instructions: list[NewInstruction] = Field(description="New tasks, each an instruction and an optional input.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _lenient(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return {"instructions": value}
-        if isinstance(value, dict) and "instructions" not in value:
-            for alt in ("tasks", "new_instructions", "items", "data"):
-                if isinstance(value.get(alt), list):
-                    return {**value, "instructions": value[alt]}
-        return value
 
 
 def parse_instruction_list(text: str, finish_reason: str | None = None) -> tuple[list[NewInstruction] | None, str | None]:
@@ -68,7 +59,7 @@ def parse_instruction_list(text: str, finish_reason: str | None = None) -> tuple
             return None, f"truncated: the reply hit max_tokens before its JSON was complete ({why})"
         if not text.strip():
             return None, "empty: the reply is empty"
-        if is_refusal(text):
+        if refusal(text, within_words=REFUSAL_WORDS):
             return None, "refusal: the teacher declined"
         return None, f"unparsable: {why}"
     items = [NewInstruction(instruction=i.instruction.strip(), input=i.input.strip()) for i in parsed.instructions if i.instruction.strip()]
@@ -108,6 +99,7 @@ class ProposeGenerator(Generator):
 
     method = "self-instruct"
     input_model = RoundRequest
+    emits = "candidate"
 
     def messages(self, item: RoundRequest, where: str) -> list[Message]:
         """The request: the demonstrations and the JSON shape wanted."""

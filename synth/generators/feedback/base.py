@@ -9,16 +9,16 @@ preference pairs, critiques and SFT examples. The modes live in `rate`,
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from synth.filters.refusal import refusal
 from synth.generators.base import Generator, Outcome, PromptText, Task, Turn, check_chat
-from synth.records import Provenance, Reject, SFTExample, Text, stable_id
+from synth.records import Message, Provenance, Reject, SFTExample, Text, stable_id
 from synth.structured import parse_model
-from synth.teachers.base import ChatRequest, ChatResponse, Completion, Message
+from synth.teachers.base import ChatRequest, ChatResponse, Completion
 
 
 class FeedbackInput(BaseModel):
@@ -116,6 +116,7 @@ class CandidateGenerator(Generator):
 
     method = "feedback-candidates"
     input_model = FeedbackInput
+    emits = "sft"
 
     def __init__(self, params, teacher_name: str, source: str):
         super().__init__(params, teacher_name)
@@ -169,15 +170,12 @@ class Judgment(BaseModel):
     provenance: Provenance
 
 
-_REFUSAL = re.compile(r"^\s*(i'?m sorry|sorry|i am sorry|i cannot|i can'?t|i won'?t|as an ai|抱歉|对不起|我不能|我无法|作为一个?人工智能)", re.IGNORECASE)
-
-
 def failure_reason(what: str, judge: str, sample: int, completion: Completion, why: str) -> str:
     """`<category>: <detail>` for a reply that gave no valid `what`; the category is what summaries count."""
     if completion.finish_reason == "length":
         category = f"truncated {what}"
         why = f"cut at max_tokens ({why})"
-    elif _REFUSAL.match(completion.text or ""):
+    elif refusal(completion.text or ""):
         category = "refused to judge"
     else:
         category = f"unparsable {what}"
@@ -191,6 +189,7 @@ class JudgeGenerator(Generator):
     reply_model: type[BaseModel]
     #: Noun used in reasons: rating, verdict, critique.
     what: str = "reply"
+    emits = "judgment"
 
     def __init__(self, params, teacher_name: str, template, reply_model: type[BaseModel] | None = None):
         if reply_model is not None:

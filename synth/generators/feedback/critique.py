@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from synth.generators.feedback.base import JudgeGenerator, Prompted, answer_value, mean
 from synth.records import (
     Critique,
+    Message,
     PreferencePair,
     Provenance,
     Reject,
@@ -21,7 +22,6 @@ from synth.records import (
     stable_id,
 )
 from synth.structured import parse_model
-from synth.teachers.base import Message
 
 
 class CritiqueReply(BaseModel):

@@ -12,9 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from synth.generators.base import Task
 from synth.generators.feedback.base import JudgeGenerator, Prompted, answer_value
-from synth.records import PreferencePair, Provenance, Reject, stable_id
+from synth.records import Message, PreferencePair, Provenance, Reject, stable_id
 from synth.structured import parse_model
-from synth.teachers.base import Completion, Message
+from synth.teachers.base import Completion
 
 _WINNERS = {"a": "A", "b": "B", "tie": "tie", "draw": "tie", "equal": "tie", "平局": "tie", "平手": "tie"}
 

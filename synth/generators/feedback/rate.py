@@ -16,9 +16,8 @@ from synth.generators.feedback.base import (
     mean,
     pick_best_worst,
 )
-from synth.records import PreferencePair, Provenance, Reject, stable_id
+from synth.records import Message, PreferencePair, Provenance, Reject, stable_id
 from synth.structured import parse_model
-from synth.teachers.base import Message
 
 DEFAULT_ASPECTS = ["helpfulness", "honesty", "instruction-following", "truthfulness"]
 
