@@ -31,7 +31,10 @@ from distill import code_fingerprint
 from distill.content_hash import NOT_INPUTS, content_hash, file_digest, named_inputs
 from synth import safe_yaml
 from synth.errors import ConfigError
+from synth.generators.raw import RawGenerator
 from synth.layout import side_paths, write_text_atomic
+from synth.pipelines import curate, evol, feedback, label, self_instruct, self_knowledge
+from trainers import METHODS
 
 OUTPUT_KEYS = ("output", "output_dir", "out")
 TOP_LEVEL = {"name", "description", "teacher", "vars", "work_dir", "stages"}
@@ -148,6 +151,7 @@ def load_recipe(path: str | Path, variables: dict[str, str] | None = None, overr
     parser = build_parser()
     stages: list[Stage] = []
     outputs: dict[str, Path | None] = {}
+    written: dict[str, tuple[list[str], str | None]] = {}
     for i, entry in enumerate(stages_raw):
         if not isinstance(entry, dict) or "name" not in entry or "command" not in entry:
             raise ConfigError(f"{path}: stage {i + 1} needs a 'name' and a 'command'")
@@ -168,6 +172,8 @@ def load_recipe(path: str | Path, variables: dict[str, str] | None = None, overr
         if "teacher" in flags and "teacher" not in settings and teacher_arg is not None:
             settings["teacher"] = teacher_arg
         depends = sorted({m.group(2) for v in settings.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str) and (m := _REF.match(r))})
+        check_kinds(stage_name, command, settings, written, path)
+        written[stage_name] = (command, output_kind(command, settings))
         settings = {k: _resolve_refs(v, outputs, stage_name, path) for k, v in settings.items()}
         argv = list(command)
         for key, value in settings.items():
@@ -186,6 +192,42 @@ def load_recipe(path: str | Path, variables: dict[str, str] | None = None, overr
         outputs[stage_name] = output
         stages.append(Stage(stage_name, command, settings, argv, output, depends))
     return Recipe(path=path, name=name, work_dir=work_dir, stages=stages)
+
+
+#: The record kind each synthesis command writes, given its stage's settings (its pipeline's `output_kind`).
+_WRITERS = {
+    ("label",): label.output_kind,
+    ("expand", "self-instruct"): self_instruct.output_kind,
+    ("expand", "evol"): evol.output_kind,
+    ("curate",): curate.output_kind,
+    ("feedback",): feedback.output_kind,
+    ("self",): self_knowledge.output_kind,
+    ("generate",): lambda settings: RawGenerator.emits,
+}
+_KIND_NOUNS = {"sft": "SFT examples", "preference": "preference pairs", "critique": "critiques"}
+
+
+def output_kind(command: list[str], settings: dict[str, Any]) -> str | None:
+    """The record kind a stage's output holds, or None when it is not records or not known before it runs."""
+    writer = _WRITERS.get(tuple(command))
+    return writer(settings) if writer else None
+
+
+def check_kinds(stage: str, command: list[str], settings: dict[str, Any], written: dict[str, tuple[list[str], str | None]], path: Path) -> None:
+    """A `train METHOD` stage whose data is `@name` must read the kind of record stage `name` writes."""
+    data = settings.get("data")
+    match = _REF.match(data) if command[0] == "train" and len(command) == 2 and isinstance(data, str) else None
+    method = METHODS.get(command[-1])
+    if match is None or method is None or not method.reads or match.group(2) not in written:
+        return
+    producer = match.group(2)
+    producer_command, kind = written[producer]
+    if kind is not None and kind not in method.reads:
+        reads = " or ".join(_KIND_NOUNS.get(k, k) for k in method.reads)
+        raise ConfigError(
+            f"{path}: stage '{stage}' ({' '.join(command)}) reads {reads}, "
+            f"but stage '{producer}' ({' '.join(producer_command)}) writes {_KIND_NOUNS.get(kind, kind)}"
+        )
 
 
 def _read_text(path: Path) -> str:

@@ -97,6 +97,31 @@ def test_typos_and_unknown_refs_fail_before_any_work(tmp_path, tiny):
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").glob("*.jsonl"))
 
 
+def test_a_stage_that_reads_another_kind_of_record_than_its_source_writes_fails_before_any_work(tmp_path):
+    def recipe(*stages: str) -> Path:
+        path = tmp_path / "kinds.yaml"
+        path.write_text("stages:\n" + "".join(stages))
+        return path
+
+    label = f"  - name: label\n    command: label\n    input: {tmp_path}/q.jsonl\n    output: {tmp_path}/labeled.jsonl\n"
+    dpo = "  - name: dpo\n    command: train dpo\n    data: '@label'\n    output_dir: " + str(tmp_path / "dpo") + "\n"
+    with pytest.raises(ConfigError, match=r"stage 'dpo' \(train dpo\) reads preference pairs, but stage 'label' \(label\) writes SFT examples"):
+        load_recipe(recipe(label, dpo))
+    result = distill("run", str(tmp_path / "kinds.yaml"), cache=tmp_path / "cache")
+    assert result.returncode == 1 and "stage 'label' (label) writes SFT examples" in result.stderr
+    assert not (tmp_path / "labeled.jsonl").exists() and not (tmp_path / "dpo").exists()
+
+    critique = f"  - name: fb\n    command: feedback\n    mode: critique\n    input: {tmp_path}/q.jsonl\n    output: {tmp_path}/critiques.jsonl\n"
+    on_critiques = "  - name: sft\n    command: train sft\n    data: '@fb'\n"
+    with pytest.raises(ConfigError, match=r"stage 'sft' \(train sft\) reads SFT examples, but stage 'fb' \(feedback\) writes critiques"):
+        load_recipe(recipe(critique, on_critiques))
+
+    rate = f"  - name: fb\n    command: feedback\n    input: {tmp_path}/q.jsonl\n    output: {tmp_path}/pairs.jsonl\n"
+    assert [s.name for s in load_recipe(recipe(label, "  - name: sft\n    command: train sft\n    data: '@label'\n")).stages] == ["label", "sft"]
+    assert len(load_recipe(recipe(rate, dpo.replace("@label", "@fb"))).stages) == 2
+    assert len(load_recipe(recipe(label, "  - name: grpo\n    command: train grpo\n    data: '@label'\n")).stages) == 2, "RL reads any prompts"
+
+
 def test_var_and_set_override_the_recipe_and_are_checked_like_it(tmp_path, tiny):
     os.environ["STEPS"] = "1"
     recipe = write_recipe(tmp_path, "http://127.0.0.1:9/v1", tiny)

@@ -30,18 +30,20 @@ class Method(NamedTuple):
     module: str
     settings: type[TrainSettings]
     summary: str
+    #: The record kinds its data may hold (records.py's `kind`); empty: any record with a prompt, not checked.
+    reads: tuple[str, ...] = ()
 
 
 #: `distill train` lists these in this order; each summary is the first line of the module's docstring.
 METHODS: dict[str, Method] = {
-    "dpo": Method("trainers.dpo", DPOSettings, "DPO: TRL's DPOTrainer on preference pairs, with β and its loss variants exposed."),
-    "gkd": Method("trainers.gkd", GKDSettings, "GKD: on-policy distillation from a white-box teacher held locally (TRL's experimental GKDTrainer)."),
+    "dpo": Method("trainers.dpo", DPOSettings, "DPO: TRL's DPOTrainer on preference pairs, with β and its loss variants exposed.", ("preference",)),
+    "gkd": Method("trainers.gkd", GKDSettings, "GKD: on-policy distillation from a white-box teacher held locally (TRL's experimental GKDTrainer).", ("sft",)),
     "grpo": Method(
         "trainers.grpo",
         GRPOSettings,
         "GRPO: TRL's GRPOTrainer with the reward model as its reward function, maximising r(x, y) - beta * KL(policy || SFT student).",
     ),
-    "kd": Method("trainers.kd", KDSettings, "KD: SFT plus a sparse divergence to the teacher's top-k logprobs stored with each example."),
+    "kd": Method("trainers.kd", KDSettings, "KD: SFT plus a sparse divergence to the teacher's top-k logprobs stored with each example.", ("sft",)),
     "ppo": Method(
         "trainers.ppo",
         PPOSettings,
@@ -51,13 +53,14 @@ METHODS: dict[str, Method] = {
         "trainers.reward",
         RewardSettings,
         "Reward model: TRL's RewardTrainer (Bradley–Terry) on preference pairs, with held-out pairwise accuracy.",
+        ("preference",),
     ),
     "rloo": Method(
         "trainers.rloo",
         RLOOSettings,
         "RLOO: TRL's RLOOTrainer with the reward model as its reward function, maximising r(x, y) - beta * KL(policy || SFT student).",
     ),
-    "sft": Method("trainers.sft", SFTSettings, "SFT: TRL's SFTTrainer on prompt/completion records (completion-only loss) or multi-turn messages."),
+    "sft": Method("trainers.sft", SFTSettings, "SFT: TRL's SFTTrainer on prompt/completion records (completion-only loss) or multi-turn messages.", ("sft",)),
 }
 
 

@@ -11,7 +11,7 @@ import asyncio
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -117,6 +117,11 @@ class CurateResult:
     rejected: int
     empty_cells: int
     stages: dict[str, JobSummary] = field(default_factory=dict)
+
+
+def output_kind(settings: dict[str, Any]) -> str | None:
+    """The kind of record the output holds (a recipe checks it against what a later stage reads): SFT examples, the answer stage's."""
+    return QuestionAnswerGenerator.emits
 
 
 def run(settings: CurateSettings) -> CurateResult:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -93,6 +93,11 @@ class _Node(BaseModel):
     prompt: str
     root: str
     lineage: list[str]
+
+
+def output_kind(settings: dict[str, Any]) -> str | None:
+    """The kind of record the output holds (a recipe checks it against what a later stage reads): SFT examples, the answer stage's."""
+    return InstructionAnswerGenerator.emits
 
 
 def run(settings: EvolSettings) -> ExpandResult:

@@ -71,6 +71,14 @@ class FeedbackResult(StagedResult):
     """What a feedback run did: each stage, each file written, every reject."""
 
 
+def output_kind(settings: dict[str, Any]) -> str | None:
+    """The kind of record the output holds (a recipe checks it against what a later stage reads): preference pairs
+    in rate and pairwise mode, critiques in critique mode (SFT and pairs go beside them); None when a config file may set the mode."""
+    if "mode" not in settings and "config" in settings:
+        return None
+    return "critique" if settings.get("mode", FeedbackSettings.model_fields["mode"].default) == "critique" else "preference"
+
+
 def run(settings: FeedbackSettings) -> FeedbackResult:
     """Validate everything, run the candidate and judge stages, aggregate and write the records and rejects."""
     teacher = resolve_teacher(settings.teacher, settings.teacher_overrides)

@@ -12,13 +12,13 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from pydantic import Field
 
 from synth.errors import ConfigError
 from synth.filters.verify import get_checker, probe_checker
-from synth.generators.label import LabelInput, LabelOptions, LabelSample, SampleGenerator, decide, reason_kind
+from synth.generators.label import LabelGenerator, LabelInput, LabelOptions, LabelSample, SampleGenerator, decide, reason_kind
 from synth.io import read_jsonl
 from synth.job import JobSummary, RunSettings, run_job
 from synth.layout import check_output, read_rows, rejects_path, stage_output, write_jsonl_atomic
@@ -47,6 +47,11 @@ class LabelResult:
     reasons: Counter
     teachers: list[str]
     summaries: list[JobSummary]
+
+
+def output_kind(settings: dict[str, Any]) -> str | None:
+    """The kind of record the output holds (a recipe checks it against what a later stage reads): SFT examples, those the vote keeps."""
+    return LabelGenerator.emits
 
 
 def run(settings: LabelSettings) -> LabelResult:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import random
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -83,6 +83,11 @@ def round_requests(config: SelfInstructSettings, rnd: int, seeds: list[PoolItem]
         demos = [{"instruction": p.instruction, "input": p.input} for p in picks]
         out.append(RoundRequest(round=rnd, request=j, count=config.per_request, demos=demos))
     return out
+
+
+def output_kind(settings: dict[str, Any]) -> str | None:
+    """The kind of record the output holds (a recipe checks it against what a later stage reads): SFT examples, the answer stage's."""
+    return InstructionAnswerGenerator.emits
 
 
 def run(settings: SelfInstructSettings) -> ExpandResult:

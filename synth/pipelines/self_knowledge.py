@@ -59,6 +59,11 @@ class SelfResult(StagedResult):
     """What a self-knowledge run did: each stage, each file written, every reject."""
 
 
+def output_kind(settings: dict[str, Any]) -> str | None:
+    """The kind of record the output holds (a recipe checks it against what a later stage reads): SFT examples (the pairs go beside them)."""
+    return "sft"
+
+
 def run(settings: SelfSettings) -> SelfResult:
     """Validate everything, sample and score the student's answers (refine the best), write the records and rejects."""
     checker = get_checker(settings.checker) if settings.judge_by == "consistency" else None
