@@ -56,9 +56,9 @@ def ours(base_url: str, prompts: Path, output: Path, cache: Path, concurrency: i
     """Seconds for the whole job through run_job (validation, cache, journal, finalize included)."""
     from synth.generators.raw import RawGenerator
     from synth.job import RunSettings, run_job
-    from synth.teachers import SamplingParams, TeacherConfig
+    from synth.teachers import SamplingParams, TeacherSettings
 
-    config = TeacherConfig(backend="openai", model="bench", base_url=base_url, concurrency=concurrency)
+    config = TeacherSettings(backend="openai", model="bench", base_url=base_url, concurrency=concurrency)
     params = SamplingParams(max_tokens=32)
     start = time.perf_counter()
     summary = run_job(lambda t: RawGenerator(params, t.spec), prompts, output, config, RunSettings(cache_dir=cache, progress=False))

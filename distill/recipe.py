@@ -290,7 +290,7 @@ def _teacher_arg(block: Any, work_dir: Path, path: Path) -> str | None:
     read by another process, fails with a message instead of sending the mask.
     """
     from synth.redact import redact, remember
-    from synth.teachers.config import TeacherConfig, parse_teacher_spec
+    from synth.teachers.config import TeacherSettings, parse_teacher_spec
 
     if block is None:
         return None
@@ -302,7 +302,7 @@ def _teacher_arg(block: Any, work_dir: Path, path: Path) -> str | None:
     if not isinstance(block, dict):
         raise ConfigError(f"{path}: 'teacher' is a spec string or a mapping of teacher settings")
     try:
-        TeacherConfig.model_validate(block)
+        TeacherSettings.model_validate(block)
     except Exception as exc:  # pydantic's ValidationError, named for the user
         from synth.errors import describe_validation_error
 

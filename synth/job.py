@@ -26,7 +26,7 @@ from synth.journal import JournalError, TaskJournal
 from synth.layout import check_output, rejects_path
 from synth.progress import JobCounts, ProgressLine
 from synth.runner import Runner
-from synth.teachers import TeacherConfig, build_teacher
+from synth.teachers import TeacherSettings, build_teacher
 from synth.teachers.base import Teacher
 from synth.teachers.cached import CachedTeacher
 
@@ -121,7 +121,7 @@ def run_job(
     make_generator: Callable[[Teacher], Generator],
     source: Source,
     output: str | Path,
-    teacher: Teacher | TeacherConfig,
+    teacher: Teacher | TeacherSettings,
     settings: RunSettings | None = None,
     *,
     limit: int | None = None,
@@ -135,7 +135,7 @@ def run_job(
     settings = settings or RunSettings()
     output = Path(output)
     check_output(output, [source] if isinstance(source, (str, Path)) else [])
-    owned = isinstance(teacher, TeacherConfig)
+    owned = isinstance(teacher, TeacherSettings)
     prices = (teacher.price_per_mtok_in, teacher.price_per_mtok_out) if owned else (None, None)
     if owned:
         teacher = build_teacher(teacher)

@@ -11,15 +11,15 @@ import time
 import pytest
 
 from synth.errors import ConfigError
+from synth.records import Message
 from synth.teachers import embedded
 from synth.teachers.base import (
     ChatRequest,
     ChatResponse,
-    Message,
     PermanentTeacherError,
     SamplingParams,
 )
-from synth.teachers.config import TeacherConfig, parse_teacher_spec
+from synth.teachers.config import TeacherSettings, parse_teacher_spec
 from synth.teachers.embedded import EMBEDDED_MODEL_NAME, embedded_model_dir
 from synth.teachers.local import TransformersTeacher
 
@@ -139,7 +139,7 @@ def test_cache_identity_changes_with_the_weights(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"old")
-    t = TransformersTeacher(TeacherConfig(model=str(tmp_path)))
+    t = TransformersTeacher(TeacherSettings(model=str(tmp_path)))
     before = t.cache_identity()
     weights.write_bytes(b"newer")
     assert t.cache_identity() != before and before["backend"] == "transformers"

@@ -14,7 +14,7 @@ import json
 import jsonschema
 import pytest
 
-from synth.teachers import ChatRequest, SamplingParams, TeacherConfig
+from synth.teachers import ChatRequest, SamplingParams, TeacherSettings
 from synth.teachers.openai_api import OpenAITeacher
 
 SCHEMA = {
@@ -26,7 +26,7 @@ SCHEMA = {
 
 @pytest.fixture
 def teacher(llama_server):
-    return OpenAITeacher(TeacherConfig(backend="openai", model="smollm2", base_url=llama_server, timeout=60, max_retries=2))
+    return OpenAITeacher(TeacherSettings(backend="openai", model="smollm2", base_url=llama_server, timeout=60, max_retries=2))
 
 
 def run(teacher: OpenAITeacher, coro_fn):

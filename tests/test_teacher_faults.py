@@ -12,7 +12,7 @@ from synth.teachers import (
     ChatRequest,
     PermanentTeacherError,
     SamplingParams,
-    TeacherConfig,
+    TeacherSettings,
     TransientTeacherError,
 )
 from synth.teachers.base import TeacherStats
@@ -23,7 +23,7 @@ from synth.teachers.retry import RetryPolicy, call_with_retries, parse_retry_aft
 def make_teacher(server, **overrides) -> OpenAITeacher:
     cfg = dict(backend="openai", model="fault-model", base_url=server.base_url, timeout=2.0, max_retries=3, backoff_base=0.01, backoff_max=0.05)
     cfg.update(overrides)
-    return OpenAITeacher(TeacherConfig(**cfg))
+    return OpenAITeacher(TeacherSettings(**cfg))
 
 
 def ask(teacher: OpenAITeacher, *contents: str, **params):

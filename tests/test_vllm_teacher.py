@@ -10,13 +10,13 @@ from types import SimpleNamespace
 import pytest
 
 from synth.errors import ConfigError
+from synth.records import Message
 from synth.teachers import (
     ChatRequest,
     ChatResponse,
-    Message,
     PermanentTeacherError,
     SamplingParams,
-    TeacherConfig,
+    TeacherSettings,
     build_teacher,
 )
 from synth.teachers.vllm_engine import (
@@ -45,21 +45,21 @@ def test_missing_vllm_is_a_one_line_config_error(monkeypatch):
     # None in sys.modules makes `import vllm` fail even where vllm is installed.
     monkeypatch.setitem(sys.modules, "vllm", None)
     with pytest.raises(ConfigError) as info:
-        build_teacher(TeacherConfig(backend="vllm", model="x"))
+        build_teacher(TeacherSettings(backend="vllm", model="x"))
     message = str(info.value)
     assert "pip install 'blackbox-distill[vllm]'" in message
     assert "\n" not in message
 
 
 def test_engine_kwargs_merge_engine_args():
-    cfg = TeacherConfig(backend="vllm", model="m", dtype="bfloat16", trust_remote_code=True,
+    cfg = TeacherSettings(backend="vllm", model="m", dtype="bfloat16", trust_remote_code=True,
                         engine_args={"gpu_memory_utilization": 0.5, "seed": 7})
     assert engine_kwargs(cfg) == {
         "model": "m", "dtype": "bfloat16", "trust_remote_code": True, "seed": 7, "gpu_memory_utilization": 0.5,
     }
-    assert engine_kwargs(TeacherConfig(backend="vllm", model="m"))["seed"] == 0
+    assert engine_kwargs(TeacherSettings(backend="vllm", model="m"))["seed"] == 0
     with pytest.raises(ConfigError):
-        engine_kwargs(TeacherConfig(backend="vllm", model="m", engine_args={"model": "other"}))
+        engine_kwargs(TeacherSettings(backend="vllm", model="m", engine_args={"model": "other"}))
 
 
 # --- our SamplingParams -> vLLM keyword arguments -------------------------
@@ -207,7 +207,7 @@ def ask(text, **params):
 
 
 def test_teacher_batches_and_isolates_failures(fake_vllm):
-    teacher = build_teacher(TeacherConfig(backend="vllm", model="m", engine_args={"tokenizer": "tok"}))
+    teacher = build_teacher(TeacherSettings(backend="vllm", model="m", engine_args={"tokenizer": "tok"}))
     assert (teacher.backend, teacher.batch_size, teacher.concurrency, teacher.tokenizer_name) == ("vllm", 256, 1, "tok")
     assert teacher._llm.kwargs["model"] == "m"
     caps = asyncio.run(teacher.capabilities())
@@ -234,7 +234,7 @@ def test_teacher_load_failure_is_a_config_error(fake_vllm, monkeypatch):
 
     monkeypatch.setattr(fake_vllm, "LLM", broken)
     with pytest.raises(ConfigError, match="could not load 'm'") as info:
-        build_teacher(TeacherConfig(backend="vllm", model="m"))
+        build_teacher(TeacherSettings(backend="vllm", model="m"))
     assert "\n" not in str(info.value)
 
 
@@ -252,7 +252,7 @@ def test_real_vllm_generation():
             snapshot_download(model, local_files_only=True)
         except Exception:
             pytest.skip(f"{model} is not in the local Hugging Face cache (set BBD_VLLM_TEST_MODEL to a local path)")
-    teacher = build_teacher(TeacherConfig(backend="vllm", model=model,
+    teacher = build_teacher(TeacherSettings(backend="vllm", model=model,
                                           engine_args={"gpu_memory_utilization": 0.3, "max_model_len": 1024}))
     params = SamplingParams(temperature=0.8, max_tokens=16, n=2, seed=1, logprobs=3)
     request = ChatRequest(messages=[Message(role="user", content="What is the capital of France?")], params=params)

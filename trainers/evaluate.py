@@ -28,9 +28,9 @@ from synth.io import read_jsonl
 from synth.job import open_cache
 from synth.prompts import load_template
 from synth.redact import redact
+from synth.records import Message
 from synth.teachers import (
     ChatRequest,
-    Message,
     SamplingParams,
     build_teacher,
     parse_teacher_spec,

@@ -13,9 +13,9 @@ from synth.errors import ConfigError, describe_validation_error
 from synth.layout import check_output
 from synth.job import JobSummary, RunSettings
 from synth.pipelines.stages import PIPELINE_FIELDS, StagedResult
-from synth.teachers import SamplingParams, TeacherConfig, TeacherOverrides, parse_teacher_spec
+from synth.teachers import SamplingParams, TeacherSettings, TeacherOverrides, parse_teacher_spec
 
-#: The teacher settings a flag can override, as TeacherConfig names them.
+#: The teacher settings a flag can override, as TeacherSettings names them.
 TEACHER_OVERRIDES = ("concurrency", "batch_size", "timeout", "max_retries", "api_key_env")
 
 #: `--limit N`: a count of inputs, so at least 1 (leave the flag out for all of them).
@@ -38,10 +38,10 @@ def pipeline_settings(args: argparse.Namespace, model: type[BaseModel]):
 
 def add_teacher_override_flags(g) -> None:
     """--concurrency, --batch-size, --timeout, --max-retries, --api-key-env: checked as a teacher file's keys are."""
-    g.add_argument("--concurrency", type=model_flag_type(TeacherConfig, "concurrency"), help="requests in flight at once")
-    g.add_argument("--batch-size", type=model_flag_type(TeacherConfig, "batch_size"), help="prompts per batch (local backends)")
-    g.add_argument("--timeout", type=model_flag_type(TeacherConfig, "timeout"), help="seconds per request (openai)")
-    g.add_argument("--max-retries", type=model_flag_type(TeacherConfig, "max_retries"), help="retries of transient failures (openai)")
+    g.add_argument("--concurrency", type=model_flag_type(TeacherSettings, "concurrency"), help="requests in flight at once")
+    g.add_argument("--batch-size", type=model_flag_type(TeacherSettings, "batch_size"), help="prompts per batch (local backends)")
+    g.add_argument("--timeout", type=model_flag_type(TeacherSettings, "timeout"), help="seconds per request (openai)")
+    g.add_argument("--max-retries", type=model_flag_type(TeacherSettings, "max_retries"), help="retries of transient failures (openai)")
     g.add_argument("--api-key-env", help="environment variable holding the API key (openai)")
 
 
@@ -53,14 +53,14 @@ def add_teacher_flags(parser: argparse.ArgumentParser) -> None:
     add_teacher_override_flags(g)
 
 
-def teacher_config(args: argparse.Namespace) -> TeacherConfig:
+def teacher_config(args: argparse.Namespace) -> TeacherSettings:
     """The teacher config from --teacher, with any overrides applied and validated like the file's own keys."""
     config = parse_teacher_spec(args.teacher)
     overrides = {key: getattr(args, key) for key in TEACHER_OVERRIDES if getattr(args, key, None) is not None}
     if not overrides:
         return config
     try:
-        return TeacherConfig.model_validate({**config.model_dump(), **overrides})
+        return TeacherSettings.model_validate({**config.model_dump(), **overrides})
     except ValidationError as exc:
         raise ConfigError(describe_errors(exc, set(overrides), f"teacher {args.teacher}")) from None
 

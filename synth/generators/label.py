@@ -32,12 +32,11 @@ from synth.generators.base import Generator, Outcome, Task
 from synth.generators.raw import soft_labels_of
 from synth.io import read_jsonl
 from synth.prompts import load_template
-from synth.records import Provenance, Reject, SFTExample, SoftLabels, stable_id
+from synth.records import Message, Provenance, Reject, SFTExample, SoftLabels, stable_id
 from synth.teachers.base import (
     ChatRequest,
     ChatResponse,
     Completion,
-    Message,
     SamplingParams,
 )
 

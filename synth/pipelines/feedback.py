@@ -24,7 +24,7 @@ from synth.pipelines.stages import PIPELINE_FIELDS, StagedResult, Stages, Teache
 from synth.prompts import load_template
 from synth.records import Provenance, stable_id
 from synth.redact import redact, redact_data
-from synth.teachers import SamplingParams, TeacherConfig, TeacherOverrides, resolve_teacher
+from synth.teachers import SamplingParams, TeacherSettings, TeacherOverrides, resolve_teacher
 
 #: A teacher spec (embedded, hf:PATH, vllm:MODEL, openai:MODEL@URL, FILE.yaml); set by its own repeatable flag.
 Spec = Annotated[str, Field(min_length=1)]
@@ -112,7 +112,7 @@ def run(settings: FeedbackSettings) -> FeedbackResult:
     return stages.finish(written, rejects, FeedbackResult)
 
 
-def feedback_sources(settings: FeedbackSettings, teacher: TeacherConfig) -> list[tuple[str, str, TeacherConfig, SamplingParams, bool]]:
+def feedback_sources(settings: FeedbackSettings, teacher: TeacherSettings) -> list[tuple[str, str, TeacherSettings, SamplingParams, bool]]:
     """The candidate sources the settings name, or the teacher at the fallback temperatures."""
     k, seed = settings.candidates_per_source, settings.seed
     sample = SamplingParams(temperature=settings.candidate_temperature, max_tokens=settings.candidate_max_tokens, n=k, seed=seed)
@@ -130,7 +130,7 @@ def feedback_sources(settings: FeedbackSettings, teacher: TeacherConfig) -> list
     return sources
 
 
-def candidate_stages(stages: Stages, inputs, sources: list[tuple[str, str, TeacherConfig, SamplingParams, bool]]) -> dict[str, list[tuple[str, str]]]:
+def candidate_stages(stages: Stages, inputs, sources: list[tuple[str, str, TeacherSettings, SamplingParams, bool]]) -> dict[str, list[tuple[str, str]]]:
     """Run each (label, stage, teacher, params, only-inputs-without-responses) source; candidates by input key."""
     found: dict[str, list[tuple[str, str]]] = {}
     for label, name, config, params, only_missing in sources:
@@ -141,7 +141,7 @@ def candidate_stages(stages: Stages, inputs, sources: list[tuple[str, str, Teach
     return found
 
 
-def judge_stage(stages: Stages, settings: FeedbackSettings, template, judge: TeacherConfig, n: int, prompted: list[Prompted]) -> list[dict[str, Any]]:
+def judge_stage(stages: Stages, settings: FeedbackSettings, template, judge: TeacherSettings, n: int, prompted: list[Prompted]) -> list[dict[str, Any]]:
     """One judge's job over every item of the mode; its Judgment rows."""
     logprobs = settings.verdict_logprobs if settings.mode == "pairwise" else None
     params = SamplingParams(temperature=settings.judge_temperature, max_tokens=settings.judge_max_tokens, seed=settings.seed, logprobs=logprobs)

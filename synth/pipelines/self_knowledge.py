@@ -24,7 +24,7 @@ from synth.pipelines.stages import PIPELINE_FIELDS, StagedResult, Stages, Teache
 from synth.prompts import load_template
 from synth.records import Provenance
 from synth.redact import redact_data
-from synth.teachers import SamplingParams, TeacherConfig, TeacherOverrides, resolve_teacher
+from synth.teachers import SamplingParams, TeacherSettings, TeacherOverrides, resolve_teacher
 
 
 class SelfSettings(BaseModel):
@@ -131,7 +131,7 @@ def _bests(prompted: list[Prompted], scored, settings: SelfSettings, checker) ->
     return out
 
 
-def _refine(stages: Stages, settings: SelfSettings, templates, prompted: list[Prompted], bests: dict[str, int], student: TeacherConfig) -> dict[str, dict[str, Any]]:
+def _refine(stages: Stages, settings: SelfSettings, templates, prompted: list[Prompted], bests: dict[str, int], student: TeacherSettings) -> dict[str, dict[str, Any]]:
     """Critique each input's best answer, then rewrite it given that critique; {key: {critique, refined, finish_reason}}."""
     params = SamplingParams(temperature=0.0, max_tokens=settings.refine_max_tokens, seed=settings.seed)
     best = {

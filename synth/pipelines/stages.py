@@ -20,7 +20,7 @@ from synth.generators.feedback.base import FeedbackInput, reason_category
 from synth.io import read_jsonl
 from synth.job import JobSummary, RunSettings, run_job
 from synth.layout import read_rows, rejects_path, stage_dir, stage_output, write_jsonl_atomic
-from synth.teachers import TeacherConfig, build_teacher
+from synth.teachers import TeacherSettings, build_teacher
 from synth.teachers.base import Teacher
 
 R = TypeVar("R", bound="StagedResult")
@@ -35,7 +35,7 @@ class TeacherPool:
     def __init__(self):
         self._built: dict[str, Teacher] = {}
 
-    def get(self, config: TeacherConfig) -> Teacher:
+    def get(self, config: TeacherSettings) -> Teacher:
         """The teacher for a config, built on first use."""
         key = config.model_dump_json()
         if key not in self._built:
@@ -59,7 +59,7 @@ class Stages:
     summaries: list[tuple[str, JobSummary]] = field(default_factory=list)
     rejects: list[dict[str, Any]] = field(default_factory=list)
 
-    def run(self, name: str, make: Callable[[Teacher], Any], items: list[tuple[str, BaseModel]], config: TeacherConfig) -> list[dict[str, Any]]:
+    def run(self, name: str, make: Callable[[Teacher], Any], items: list[tuple[str, BaseModel]], config: TeacherSettings) -> list[dict[str, Any]]:
         """Run one cached job over `items` into `OUT.work/NAME.jsonl`; returns its records (its rejects are kept)."""
         if not items:
             return []

@@ -16,10 +16,10 @@ from synth.teachers.base import (
     TransientTeacherError,
     Usage,
 )
-from synth.teachers.config import TeacherConfig, TeacherOverrides, parse_teacher_spec, resolve_teacher
+from synth.teachers.config import TeacherSettings, TeacherOverrides, parse_teacher_spec, resolve_teacher
 
 
-def build_teacher(config: TeacherConfig) -> Teacher:
+def build_teacher(config: TeacherSettings) -> Teacher:
     """Build the teacher a config describes; heavy backends are imported only when asked for."""
     if config.backend == "openai":
         from synth.teachers.openai_api import OpenAITeacher
@@ -42,7 +42,7 @@ __all__ = [
     "PermanentTeacherError",
     "SamplingParams",
     "Teacher",
-    "TeacherConfig",
+    "TeacherSettings",
     "TeacherOverrides",
     "TeacherError",
     "TokenLogprob",

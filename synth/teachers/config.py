@@ -19,7 +19,7 @@ EMBEDDED = "embedded"
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
-class TeacherConfig(BaseModel):
+class TeacherSettings(BaseModel):
     """Everything needed to build a teacher. A YAML teacher file maps onto it one-to-one."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -93,24 +93,24 @@ def check_device_available(device: str, setting: str = "device") -> None:
         raise ConfigError(f"{setting} {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
 
 
-def parse_teacher_spec(spec: str | None) -> TeacherConfig:
+def parse_teacher_spec(spec: str | None) -> TeacherSettings:
     """Turn `embedded`, `hf:PATH`, `vllm:MODEL`, `openai:MODEL@BASE_URL` or a YAML path into a config."""
     if spec is None or spec == EMBEDDED:
-        return TeacherConfig()
+        return TeacherSettings()
     if spec.endswith((".yaml", ".yml")):
         return load_teacher_file(Path(spec))
     kind, sep, rest = spec.partition(":")
     if sep and rest:
         if kind == "hf":
-            return TeacherConfig(backend="transformers", model=rest)
+            return TeacherSettings(backend="transformers", model=rest)
         if kind == "vllm":
-            return TeacherConfig(backend="vllm", model=rest)
+            return TeacherSettings(backend="vllm", model=rest)
         if kind == "openai":
             model, at, base_url = rest.partition("@")
             if not model:
                 raise ConfigError(f"teacher spec {spec!r}: openai needs a model name, as openai:MODEL@BASE_URL")
             try:
-                return TeacherConfig(backend="openai", model=model, base_url=base_url or None)
+                return TeacherSettings(backend="openai", model=model, base_url=base_url or None)
             except ValidationError as exc:
                 reasons = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
                 raise ConfigError(f"teacher spec {redact(spec)!r}: {reasons}") from None
@@ -119,7 +119,7 @@ def parse_teacher_spec(spec: str | None) -> TeacherConfig:
     )
 
 
-def load_teacher_file(path: Path) -> TeacherConfig:
+def load_teacher_file(path: Path) -> TeacherSettings:
     """Read a teacher YAML file; errors name the file and the key."""
     if not path.is_file():
         raise ConfigError(f"{path}: teacher file not found")
@@ -132,7 +132,7 @@ def load_teacher_file(path: Path) -> TeacherConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of teacher settings")
     try:
-        return TeacherConfig.model_validate(data)
+        return TeacherSettings.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{path}: {describe_validation_error(exc, 'key')}") from None
 
@@ -153,13 +153,13 @@ class TeacherOverrides(BaseModel):
         return self.model_dump(exclude_none=True)
 
 
-def resolve_teacher(spec: str | None, overrides: TeacherOverrides | None = None) -> TeacherConfig:
+def resolve_teacher(spec: str | None, overrides: TeacherOverrides | None = None) -> TeacherSettings:
     """The config a spec names, with the overrides applied and checked like a teacher file's keys."""
     config = parse_teacher_spec(spec)
     given = overrides.given() if overrides is not None else {}
     if not given:
         return config
     try:
-        return TeacherConfig.model_validate({**config.model_dump(), **given})
+        return TeacherSettings.model_validate({**config.model_dump(), **given})
     except ValidationError as exc:
         raise ConfigError(redact(f"teacher {spec}: {describe_validation_error(exc, 'setting')}")) from None

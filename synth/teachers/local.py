@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 from synth.errors import ConfigError
+from synth.records import Message
 from synth.teachers.base import (
     Capabilities,
     ChatRequest,
     ChatResponse,
     Completion,
-    Message,
     PermanentTeacherError,
     SamplingParams,
     Teacher,
@@ -29,7 +29,7 @@ from synth.teachers.base import (
     TransientTeacherError,
     Usage,
 )
-from synth.teachers.config import EMBEDDED, TeacherConfig, check_device_available
+from synth.teachers.config import EMBEDDED, TeacherSettings, check_device_available
 from synth.teachers.embedded import (
     CONVERSION_VERSION,
     EMBEDDED_MODEL_NAME,
@@ -87,7 +87,7 @@ class TransformersTeacher(Teacher):
 
     backend = "transformers"
 
-    def __init__(self, config: TeacherConfig):
+    def __init__(self, config: TeacherSettings):
         """Check the model location now; the model itself loads on first use."""
         super().__init__(config.model)
         self.config = config

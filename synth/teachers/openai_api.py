@@ -34,7 +34,7 @@ from synth.teachers.base import (
     TransientTeacherError,
     Usage,
 )
-from synth.teachers.config import TeacherConfig
+from synth.teachers.config import TeacherSettings
 from synth.teachers.retry import RetryPolicy, call_with_retries, error_for_status
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -138,7 +138,7 @@ class OpenAITeacher(Teacher):
     backend = "openai"
     batch_size = 1
 
-    def __init__(self, config: TeacherConfig):
+    def __init__(self, config: TeacherSettings):
         super().__init__(config.model)
         self.config = config
         self.concurrency = config.concurrency or 64

@@ -29,7 +29,7 @@ from synth.teachers.base import (
     TopLogprob,
     Usage,
 )
-from synth.teachers.config import TeacherConfig
+from synth.teachers.config import TeacherSettings
 
 INSTALL_HINT = "pip install 'blackbox-distill[vllm]'"
 DEFAULT_BATCH_SIZE = 256
@@ -38,7 +38,7 @@ DEFAULT_BATCH_SIZE = 256
 JsonField = tuple[str, Callable[..., Any]]
 
 
-def engine_kwargs(config: TeacherConfig) -> dict[str, Any]:
+def engine_kwargs(config: TeacherSettings) -> dict[str, Any]:
     """Keyword arguments for `vllm.LLM`; `engine_args` may override all but the model."""
     if "model" in config.engine_args:
         raise ConfigError("teacher engine_args: set the model with `model:`, not inside engine_args")
@@ -149,7 +149,7 @@ class VLLMTeacher(Teacher):
 
     backend = "vllm"
 
-    def __init__(self, config: TeacherConfig):
+    def __init__(self, config: TeacherSettings):
         super().__init__(config.model)
         try:
             import vllm

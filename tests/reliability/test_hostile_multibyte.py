@@ -17,7 +17,7 @@ import pytest
 from synth.errors import InputError
 from synth.teachers.base import ChatRequest, SamplingParams
 from synth.records import Message
-from synth.teachers.config import TeacherConfig
+from synth.teachers.config import TeacherSettings
 from synth.teachers.local import TransformersTeacher
 from tests.tiny_models import make_tiny_llama
 
@@ -58,7 +58,7 @@ def scripted_llama(directory: Path, answer: str) -> Path:
 def scripted(tmp_path_factory):
     """The scripted model's directory and a CPU teacher on it."""
     path = scripted_llama(tmp_path_factory.mktemp("scripted") / "model", ANSWER)
-    teacher = TransformersTeacher(TeacherConfig(model=str(path), device="cpu"))
+    teacher = TransformersTeacher(TeacherSettings(model=str(path), device="cpu"))
     yield path, teacher
     asyncio.run(teacher.aclose())
 

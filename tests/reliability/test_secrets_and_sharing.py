@@ -7,7 +7,7 @@ import sqlite3
 import subprocess
 import sys
 
-from synth.teachers import TeacherConfig, parse_teacher_spec
+from synth.teachers import TeacherSettings, parse_teacher_spec
 from tests.conftest import free_port
 from tests.fault_server import FaultServer
 from tests.reliability.harness import ROOT, cli_env, run_cli, write_prompts
@@ -44,7 +44,7 @@ def test_api_key_from_the_environment_is_in_no_file_a_run_writes(tmp_path):
 
 
 def test_trust_remote_code_is_off_unless_asked_and_checkpoint_code_never_runs(tmp_path):
-    assert TeacherConfig().trust_remote_code is False and parse_teacher_spec("hf:/m").trust_remote_code is False
+    assert TeacherSettings().trust_remote_code is False and parse_teacher_spec("hf:/m").trust_remote_code is False
     assert TrainSettings().trust_remote_code is False
     model = make_tiny_llama(tmp_path / "model")
     marker = tmp_path / "remote_code_ran"
