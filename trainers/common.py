@@ -11,10 +11,7 @@ import torch
 import transformers
 from matplotlib.figure import Figure
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.integrations.integration_utils import (
-    INTEGRATION_TO_CALLBACK,
-    get_available_reporting_integrations,
-)
+from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 from synth.errors import ConfigError, InputError

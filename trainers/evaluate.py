@@ -29,12 +29,7 @@ from synth.job import open_cache
 from synth.prompts import load_template
 from synth.redact import redact
 from synth.records import Message
-from synth.teachers import (
-    ChatRequest,
-    SamplingParams,
-    build_teacher,
-    parse_teacher_spec,
-)
+from synth.teachers import ChatRequest, SamplingParams, build_teacher, parse_teacher_spec
 from synth.teachers.base import TeacherError
 from synth.teachers.cached import CachedTeacher
 from trainers import eval_metrics as em

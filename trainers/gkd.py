@@ -13,16 +13,7 @@ from __future__ import annotations
 from trl.experimental.gkd import GKDConfig, GKDTrainer
 
 from synth.errors import ConfigError, InputError
-from trainers.common import (
-    load_model,
-    load_records,
-    load_tokenizer,
-    peft_config,
-    resolve_model,
-    split,
-    train_and_save,
-    trl_args,
-)
+from trainers.common import load_model, load_records, load_tokenizer, peft_config, resolve_model, split, train_and_save, trl_args
 from trainers.kd_data import vocab_fingerprint
 from trainers.settings import GKDSettings, TrainResult
 

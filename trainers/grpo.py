@@ -11,14 +11,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from synth.errors import ConfigError
 from trainers.common import last_checkpoint, peft_config, pick_device, trl_args
-from trainers.rl_common import (
-    finish,
-    load_reward_model,
-    mean_sampled_reward,
-    numbers,
-    reward_tokenizer,
-    start,
-)
+from trainers.rl_common import finish, load_reward_model, mean_sampled_reward, numbers, reward_tokenizer, start
 from trainers.settings import GroupSettings, GRPOSettings, TrainResult
 
 CURVES = ["reward", "reward_std", "kl", "loss", "entropy", "completions/mean_length"]

@@ -22,14 +22,7 @@ from synth.errors import ConfigError
 from trainers import sft
 from trainers.common import load_tokenizer, resolve_model, train_and_save
 from trainers.kd_chunked import SUMS, patch_kd_forward
-from trainers.kd_data import (
-    KD_COLUMNS,
-    KDCollator,
-    as_prompt_completion,
-    attach_soft_labels,
-    check_tokenizer,
-    read_soft_labels,
-)
+from trainers.kd_data import KD_COLUMNS, KDCollator, as_prompt_completion, attach_soft_labels, check_tokenizer, read_soft_labels
 from trainers.kd_loss import sparse_divergence
 from trainers.settings import KDSettings, TrainResult
 

@@ -27,23 +27,8 @@ import torch
 from transformers import TrainerCallback
 
 from synth.errors import ConfigError
-from trainers.common import (
-    last_checkpoint,
-    load_model,
-    load_tokenizer,
-    peft_config,
-    pick_device,
-    trl_args,
-)
-from trainers.rl_common import (
-    finish,
-    load_reward_model,
-    mean_sampled_reward,
-    numbers,
-    prompt_text,
-    reward_model_dir,
-    start,
-)
+from trainers.common import last_checkpoint, load_model, load_tokenizer, peft_config, pick_device, trl_args
+from trainers.rl_common import finish, load_reward_model, mean_sampled_reward, numbers, prompt_text, reward_model_dir, start
 from trainers.settings import PPOSettings, TrainResult
 
 with warnings.catch_warnings():  # we know PPO lives in trl.experimental (TRL 1.12 is pinned for it)

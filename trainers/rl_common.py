@@ -16,14 +16,7 @@ from transformers import AutoModelForSequenceClassification
 
 from synth.errors import ConfigError, InputError
 from synth.io import read_jsonl, to_hf_dataset
-from trainers.common import (
-    load_tokenizer,
-    pick_device,
-    plot_history,
-    resolve_model,
-    save_model,
-    split,
-)
+from trainers.common import load_tokenizer, pick_device, plot_history, resolve_model, save_model, split
 from trainers.settings import RLSettings, TrainResult
 
 

@@ -5,16 +5,7 @@ from __future__ import annotations
 from trl import SFTConfig, SFTTrainer
 
 from synth.errors import InputError
-from trainers.common import (
-    load_model,
-    load_records,
-    load_tokenizer,
-    peft_config,
-    resolve_model,
-    split,
-    train_and_save,
-    trl_args,
-)
+from trainers.common import load_model, load_records, load_tokenizer, peft_config, resolve_model, split, train_and_save, trl_args
 from trainers.settings import SFTSettings, TrainResult
 
 

@@ -7,15 +7,7 @@ from typing import Sequence
 
 from synth.teachers.cache import ResponseCache, request_fingerprint, sample_key
 from synth.redact import redact
-from synth.teachers.base import (
-    Capabilities,
-    ChatRequest,
-    ChatResponse,
-    Completion,
-    Teacher,
-    TeacherError,
-    Usage,
-)
+from synth.teachers.base import Capabilities, ChatRequest, ChatResponse, Completion, Teacher, TeacherError, Usage
 
 
 @dataclass

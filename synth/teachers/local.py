@@ -30,13 +30,7 @@ from synth.teachers.base import (
     Usage,
 )
 from synth.teachers.config import EMBEDDED, TeacherSettings, check_device_available
-from synth.teachers.embedded import (
-    CONVERSION_VERSION,
-    EMBEDDED_MODEL_NAME,
-    EMBEDDED_TOKENIZER_NAME,
-    embedded_gguf_path,
-    embedded_model_dir,
-)
+from synth.teachers.embedded import CONVERSION_VERSION, EMBEDDED_MODEL_NAME, EMBEDDED_TOKENIZER_NAME, embedded_gguf_path, embedded_model_dir
 
 JSON_INSTRUCTION = "Reply with only a JSON value, no other text, that matches this JSON schema:\n{schema}"
 

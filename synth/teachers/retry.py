@@ -15,12 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Literal, Mapping, TypeVar
 
-from synth.teachers.base import (
-    PermanentTeacherError,
-    TeacherError,
-    TeacherStats,
-    TransientTeacherError,
-)
+from synth.teachers.base import PermanentTeacherError, TeacherError, TeacherStats, TransientTeacherError
 
 log = logging.getLogger(__name__)
 
