@@ -7,7 +7,8 @@ import gc
 import time
 from pathlib import Path
 
-from distill.recipe import clear_outputs, finished, fingerprint, load_recipe, made_before, mark, parse_assignments, read_state, status
+from distill.recipe import fingerprint, load_recipe, parse_assignments
+from distill.recipe_state import clear_outputs, finished, made_before, mark, read_state, status
 
 
 def register(sub) -> None:

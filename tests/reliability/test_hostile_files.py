@@ -125,7 +125,8 @@ def test_a_changed_stage_starts_over_removing_only_its_own_outputs(tmp_path, ser
 
 
 def test_a_stray_file_in_a_folder_the_stage_made_is_not_removed(tmp_path):
-    from distill.recipe import Made, Recipe, Stage, clear_outputs, finished, mark
+    from distill.recipe import Recipe, Stage
+    from distill.recipe_state import Made, clear_outputs, finished, mark
 
     out = tmp_path / "model"
     stage = Stage("train", ["train", "sft"], {"output_dir": str(out)}, [], out, [], fingerprint="a")
