@@ -52,24 +52,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a subcommand; any error prints one line and exits 1, Ctrl-C exits 130."""
-    debug = os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+    debug = debug_from_env()
     try:
         args = build_parser().parse_args(argv)
         debug = debug or args.debug
         return args.func(args)
-    except SystemExit as exc:  # --help, a usage error already printed, or sys.exit() somewhere below
+    except (SystemExit, KeyboardInterrupt, Exception) as exc:
+        return report_error(exc, debug)
+
+
+def debug_from_env() -> bool:
+    """Whether BBD_DEBUG asks for tracebacks."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def report_error(exc: BaseException, debug: bool = False) -> int:
+    """Print what ended a command as one line on stderr (call it while handling `exc`) and return the exit code.
+
+    --help or a usage error already printed is exit 0 or theirs, Ctrl-C 130, anything else 1
+    (the safety net: whatever escaped becomes one line, never a traceback unless `debug`).
+    """
+    if isinstance(exc, SystemExit):
         if exc.code is None or isinstance(exc.code, int):
             return exc.code or 0
         print(redact(f"error: {exc.code}"), file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    if isinstance(exc, KeyboardInterrupt):
         print("interrupted: finished work is saved; rerun the same command to resume", file=sys.stderr)
         return 130
-    except Exception as exc:  # the safety net: whatever escaped becomes one line, never a traceback
-        if debug:
-            print(redact(traceback.format_exc()), end="", file=sys.stderr)
-        print(redact(f"error: {describe_exception(exc, debug)}"), file=sys.stderr)
-        return 1
+    if debug:
+        print(redact(traceback.format_exc()), end="", file=sys.stderr)
+    print(redact(f"error: {describe_exception(exc, debug)}"), file=sys.stderr)
+    return 1
 
 
 def describe_exception(exc: BaseException, debug: bool = False) -> str:

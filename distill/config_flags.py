@@ -80,10 +80,9 @@ def add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel], ti
     """`--config FILE` plus one flag per simple field of `model` not in `exclude`; unset flags leave the file's value."""
     parser.add_argument("--config", type=Path, metavar="FILE.yaml", help="settings file; flags given here override it")
     group = parser.add_argument_group(title)
-    for name, field in model.model_fields.items():
+    for name in flag_fields(model, exclude):
+        field = model.model_fields[name]
         kwargs = _flag_kwargs(field.annotation, field)
-        if kwargs is None or name in exclude:
-            continue
         default = field.get_default(call_default_factory=True)
         help_text = (field.description or "").rstrip(".")
         if default not in (None, [], {}) and not isinstance(default, BaseModel):
@@ -93,8 +92,18 @@ def add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel], ti
         group.add_argument("--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS, help=help_text, **kwargs)
 
 
+def flag_fields(model: type[BaseModel], exclude: Collection[str] = ()) -> list[str]:
+    """The fields of `model` that `add_config_flags` makes a flag of: the simple ones not in `exclude`."""
+    return [name for name, field in model.model_fields.items() if name not in exclude and _flag_kwargs(field.annotation, field) is not None]
+
+
+def _is_list(annotation: Any) -> bool:
+    """Whether a field holds a list and nothing else (`list[str]`, `list[str] | None`)."""
+    return typing.get_origin(_simple_base(annotation)) is list
+
+
 def load_config(args: argparse.Namespace, model: type[BaseModel], flags_only: Collection[str] = ()):
-    """The config from `--config` (if given) with every flag given on the command line on top.
+    """The config from `--config` (if given) with every flag given on the command line (or recipe stage) on top.
 
     Fields in `flags_only` (a command's own flags: --input, --output, ...) are unknown keys to the file.
     """
@@ -116,7 +125,8 @@ def load_config(args: argparse.Namespace, model: type[BaseModel], flags_only: Co
         data.update(loaded)
     given = vars(args)
     flags = {name for name in model.model_fields if name in given}
-    data.update({name: given[name] for name in flags})
+    # A list flag given one value (a recipe's `teacher: SPEC`) is a list of one, as on a command line.
+    data.update({name: [given[name]] if _is_list(model.model_fields[name].annotation) and not isinstance(given[name], list) else given[name] for name in flags})
     try:
         return model.model_validate(data)
     except ValidationError as exc:

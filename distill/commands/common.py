@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Collection
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, create_model
 
-from distill.config_flags import checked_type, describe_errors, load_config, model_flag_type
-from synth.errors import ConfigError, describe_validation_error
+from distill.config_flags import checked_type, describe_errors, flag_fields, load_config, model_flag_type
+from synth.errors import ConfigError
 from synth.layout import check_output
 from synth.job import JobSummary, RunSettings
 from synth.pipelines.stages import PIPELINE_FIELDS, StagedResult
@@ -17,6 +19,37 @@ from synth.teachers import SamplingParams, TeacherSettings, TeacherOverrides, pa
 
 #: The teacher settings a flag can override, as TeacherSettings names them.
 TEACHER_OVERRIDES = ("concurrency", "batch_size", "timeout", "max_retries", "api_key_env")
+
+#: The response-cache flags as recipe keys (`no_cache: true` is `--no-cache`; `cache_mode` is the flags' dest).
+CACHE_KEYS = frozenset({"cache_dir", "no_cache", "refresh", "cache_mode", "restart", "quiet"})
+#: What every command that asks a teacher takes besides its own settings: its teacher, their overrides, the cache.
+TEACHER_KEYS = frozenset({"teacher", *TEACHER_OVERRIDES})
+#: Keys that are a bare flag: `--quiet` when true, nothing when false.
+SWITCHES = frozenset({"no_cache", "refresh", "restart", "quiet", "overwrite"})
+
+
+@dataclass(frozen=True)
+class Runnable:
+    """A command as a recipe stage runs it: the keys it takes, its settings from them, and running those.
+
+    The command line runs the same two functions on its parsed flags, so a recipe stage and the
+    command it names cannot drift apart.
+    """
+
+    keys: frozenset[str]
+    settings_from: Callable[[dict], Any]
+    execute: Callable[[Any], int]
+    #: Keys given once per value on a command line (`--teacher A --teacher B`), for printing a stage.
+    repeated: frozenset[str] = frozenset()
+
+
+def config_keys(model: type[BaseModel], exclude: Collection[str] = ()) -> frozenset[str]:
+    """`config` and the keys `add_config_flags` makes flags of."""
+    return frozenset({"config", *flag_fields(model, exclude)})
+
+
+#: The overridable teacher settings with TeacherSettings' types and bounds, to check the values given.
+_OVERRIDES = create_model("TeacherOverrideValues", **{k: (f.annotation, f) for k, f in TeacherSettings.model_fields.items() if k in TEACHER_OVERRIDES})
 
 #: `--limit N`: a count of inputs, so at least 1 (leave the flag out for all of them).
 limit_type = checked_type(int, Field(ge=1))
@@ -29,11 +62,21 @@ def add_io_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=limit_type, help="only the first N inputs")
 
 
-def pipeline_settings(args: argparse.Namespace, model: type[BaseModel]):
-    """A pipeline's settings: `--config` and the method's flags, then the I/O, teacher and cache flags."""
-    # Those fields come from the command's own flags, never from generated flags or a --config file.
-    settings = load_config(args, model, flags_only=PIPELINE_FIELDS)
-    return settings.model_copy(update={"run": run_settings(args), "teacher_overrides": teacher_overrides(args)})
+def pipeline_settings(values: dict, model: type[BaseModel], own: Collection[str] = PIPELINE_FIELDS):
+    """A pipeline's settings from flag values (a parsed command line or a recipe stage): `config` and the
+    method's keys, then the cache and teacher-override keys, which only a command line or a recipe sets.
+
+    Nothing is checked on disk here (see `check_job_output`): a recipe validates every stage before any runs.
+    """
+    # The fields in `own` come from the command's own flags, never from generated flags or a --config file.
+    settings = load_config(argparse.Namespace(**values), model, flags_only=own)
+    return settings.model_copy(update={"run": run_settings(values), "teacher_overrides": teacher_overrides(values)})
+
+
+def check_job_output(output: Path, values: dict) -> None:
+    """Refuse, before any request, an output the job must not write: one of the files `values` name (see `check_output`)."""
+    stem = output.name.removesuffix(".jsonl")
+    check_output(output, _named_files(values), also=[output.with_name(f"{stem}.{kind}.jsonl") for kind in ("sft", "pairs")])
 
 
 def add_teacher_override_flags(g) -> None:
@@ -53,21 +96,26 @@ def add_teacher_flags(parser: argparse.ArgumentParser) -> None:
     add_teacher_override_flags(g)
 
 
-def teacher_config(args: argparse.Namespace) -> TeacherSettings:
-    """The teacher config from --teacher, with any overrides applied and validated like the file's own keys."""
-    config = parse_teacher_spec(args.teacher)
-    overrides = {key: getattr(args, key) for key in TEACHER_OVERRIDES if getattr(args, key, None) is not None}
-    if not overrides:
+def teacher_config(spec: str, overrides: TeacherOverrides) -> TeacherSettings:
+    """The teacher config `spec` names, with the overrides applied and validated like the file's own keys."""
+    config = parse_teacher_spec(spec)
+    given = overrides.given()
+    if not given:
         return config
     try:
-        return TeacherSettings.model_validate({**config.model_dump(), **overrides})
+        return TeacherSettings.model_validate({**config.model_dump(), **given})
     except ValidationError as exc:
-        raise ConfigError(describe_errors(exc, set(overrides), f"teacher {args.teacher}")) from None
+        raise ConfigError(describe_errors(exc, set(given), f"teacher {spec}")) from None
 
 
-def teacher_overrides(args: argparse.Namespace) -> TeacherOverrides:
-    """The --concurrency, --batch-size, ... flags given, for every teacher a command builds."""
-    return TeacherOverrides(**{key: getattr(args, key) for key in TEACHER_OVERRIDES if getattr(args, key, None) is not None})
+def teacher_overrides(values: dict) -> TeacherOverrides:
+    """The --concurrency, --batch-size, ... values given, for every teacher a command builds."""
+    given = {key: values[key] for key in TEACHER_OVERRIDES if values.get(key) is not None}
+    try:
+        checked = _OVERRIDES.model_validate(given)  # as a teacher file's keys are checked: `concurrency: 0` is refused
+    except ValidationError as exc:
+        raise ConfigError(describe_errors(exc, set(given))) from None
+    return TeacherOverrides(**{key: getattr(checked, key) for key in given})
 
 
 def add_cache_flags(parser: argparse.ArgumentParser) -> None:
@@ -84,22 +132,16 @@ def add_cache_flags(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(cache_mode="use")
 
 
-def run_settings(args: argparse.Namespace) -> RunSettings:
-    """Cache, progress and restart settings from the flags.
-
-    Every synth command asks for them before its first request, so this is where its
-    --output is checked against what it must not overwrite (see `check_output`).
-    """
-    if getattr(args, "output", None) is not None:
-        stem = args.output.name.removesuffix(".jsonl")
-        check_output(args.output, _named_files(args), also=[args.output.with_name(f"{stem}.{kind}.jsonl") for kind in ("sft", "pairs")])
-    return RunSettings(cache_dir=args.cache_dir, cache_mode=args.cache_mode, progress=not args.quiet, restart=args.restart)
+def run_settings(values: dict) -> RunSettings:
+    """Cache, progress and restart settings from the cache flags (`no_cache: true` in a recipe is `--no-cache`)."""
+    mode = values.get("cache_mode") or ("off" if values.get("no_cache") else "refresh" if values.get("refresh") else "use")
+    return RunSettings(cache_dir=values.get("cache_dir"), cache_mode=mode, progress=not values.get("quiet"), restart=bool(values.get("restart")))
 
 
-def _named_files(args: argparse.Namespace) -> list[Path]:
-    """The existing files the flags name (--input, --config, --json-schema, ...): what the output must not be."""
+def _named_files(values: dict) -> list[Path]:
+    """The existing files the settings name (input, json_schema, ...): what the output must not be."""
     files = []
-    for key, value in vars(args).items():
+    for key, value in values.items():
         if key in ("output", "cache_dir") or not isinstance(value, (str, Path)) or not str(value):
             continue
         try:
@@ -125,18 +167,6 @@ def add_sampling_flags(parser: argparse.ArgumentParser, **defaults) -> None:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--logprobs", type=checked("logprobs"), metavar="K", help="store the teacher's top-K logprobs per token (soft labels)")
     g.add_argument("--json-schema", type=Path, metavar="FILE", help="ask for JSON matching this JSON Schema file; invalid answers are resampled once, then rejected")
-
-
-def sampling_params(args: argparse.Namespace) -> SamplingParams:
-    """SamplingParams from the sampling flags; a bad value is a ConfigError naming the flag."""
-    schema = None if args.json_schema is None else read_json_schema(Path(args.json_schema))
-    try:
-        return SamplingParams(
-            n=args.n, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
-            seed=args.seed, stop=args.stop, logprobs=args.logprobs, json_schema=schema,
-        )
-    except ValidationError as exc:
-        raise ConfigError(f"sampling flags: {describe_validation_error(exc, 'flag')}") from None
 
 
 def read_json_schema(path: Path) -> dict:

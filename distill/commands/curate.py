@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from distill.commands.common import add_cache_flags, add_teacher_flags, pipeline_settings
+from distill.commands.common import CACHE_KEYS, TEACHER_KEYS, Runnable, add_cache_flags, add_teacher_flags, check_job_output, config_keys, pipeline_settings
 from distill.config_flags import add_config_flags
 from synth.pipelines.curate import CurateResult, CurateSettings, run as run_curate
 from synth.pipelines.stages import PIPELINE_FIELDS
@@ -33,8 +33,24 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the command."""
-    print_result(run_curate(pipeline_settings(args, CurateSettings)))
+    return execute(settings_from(vars(args)))
+
+
+def settings_from(values: dict) -> CurateSettings:
+    """The settings from flag values (a parsed command line, or a recipe stage's keys)."""
+    return pipeline_settings(values, CurateSettings)
+
+
+def execute(settings: CurateSettings) -> int:
+    """Run the pipeline and print what it did."""
+    check_job_output(settings.output, dict(settings))
+    print_result(run_curate(settings))
     return 0
+
+
+
+#: `distill curate` as a recipe stage.
+RUNNABLE = {"curate": Runnable(config_keys(CurateSettings, PIPELINE_FIELDS) | TEACHER_KEYS | CACHE_KEYS | {"output"}, settings_from, execute)}
 
 
 def print_result(r: CurateResult) -> None:

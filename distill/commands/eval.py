@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from distill.commands.common import Runnable, config_keys
 from distill.config_flags import add_config_flags, load_config
 from synth.redact import redact
 from trainers.settings import EvalSettings
@@ -25,11 +26,20 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print the comparison table."""
+    return execute(settings_from(vars(args)))
+
+
+def settings_from(values: dict) -> EvalSettings:
+    """The settings from flag values (a parsed command line, or a recipe stage's keys)."""
+    return load_config(argparse.Namespace(**values), EvalSettings)
+
+
+def execute(config: EvalSettings) -> int:
+    """Evaluate and print the comparison table."""
     # Imported when it runs: evaluation loads torch and transformers, which `distill --help` must not pay for.
     from trainers.evaluate import evaluate
     from trainers.report import fmt
 
-    config = load_config(args, EvalSettings)
     result = evaluate(config)
     teacher = result["teacher"]
     print(f"teacher {redact(teacher['spec'])}: {teacher['requests_sent']} requests sent, {teacher['cache_hits']} from the cache; "
@@ -44,3 +54,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     print(f"report: {config.output_dir / 'report.md'}  data: {config.output_dir / 'eval.json'}")
     return 0
+
+
+#: `distill eval` as a recipe stage.
+RUNNABLE = {"eval": Runnable(config_keys(EvalSettings), settings_from, execute)}

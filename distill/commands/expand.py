@@ -8,11 +8,14 @@ from pathlib import Path
 from distill.commands.common import (
     add_cache_flags,
     add_teacher_flags,
+    CACHE_KEYS,
+    TEACHER_KEYS,
+    Runnable,
+    check_job_output,
+    config_keys,
     pipeline_settings,
-    run_settings,
-    teacher_overrides,
 )
-from distill.config_flags import add_config_flags, load_config
+from distill.config_flags import add_config_flags
 from synth.pipelines import evol, self_instruct
 from synth.pipelines.expand import ExpandResult
 from synth.pipelines.stages import PIPELINE_FIELDS
@@ -66,7 +69,18 @@ def _common(p: argparse.ArgumentParser, model, own_fields) -> None:
 
 def run_si(args: argparse.Namespace) -> int:
     """Run `expand self-instruct`."""
-    result = self_instruct.run(pipeline_settings(args, self_instruct.SelfInstructSettings))
+    return execute_si(si_settings_from(vars(args)))
+
+
+def si_settings_from(values: dict) -> self_instruct.SelfInstructSettings:
+    """`expand self-instruct`'s settings from flag values (a parsed command line, or a recipe stage's keys)."""
+    return pipeline_settings(values, self_instruct.SelfInstructSettings)
+
+
+def execute_si(settings: self_instruct.SelfInstructSettings) -> int:
+    """Run `expand self-instruct` and print what it did."""
+    check_job_output(settings.output, dict(settings))
+    result = self_instruct.run(settings)
     print(f"new instructions: {result.instructions} in {result.rounds} rounds")
     print_result(result)
     return 0
@@ -74,11 +88,29 @@ def run_si(args: argparse.Namespace) -> int:
 
 def run_ev(args: argparse.Namespace) -> int:
     """Run `expand evol`."""
-    settings = load_config(args, evol.EvolSettings, flags_only=EVOL_OWN_FIELDS)
-    result = evol.run(settings.model_copy(update={"run": run_settings(args), "teacher_overrides": teacher_overrides(args)}))
+    return execute_ev(ev_settings_from(vars(args)))
+
+
+def ev_settings_from(values: dict) -> evol.EvolSettings:
+    """`expand evol`'s settings from flag values (a parsed command line, or a recipe stage's keys)."""
+    return pipeline_settings(values, evol.EvolSettings, EVOL_OWN_FIELDS)
+
+
+def execute_ev(settings: evol.EvolSettings) -> int:
+    """Run `expand evol` and print what it did."""
+    check_job_output(settings.output, dict(settings))
+    result = evol.run(settings)
     print(f"evolved instructions kept: {result.instructions} over {result.rounds} rounds")
     print_result(result)
     return 0
+
+
+
+#: `distill expand self-instruct` and `distill expand evol` as recipe stages.
+RUNNABLE = {
+    "expand self-instruct": Runnable(config_keys(self_instruct.SelfInstructSettings, PIPELINE_FIELDS) | TEACHER_KEYS | CACHE_KEYS | {"output"}, si_settings_from, execute_si),
+    "expand evol": Runnable(config_keys(evol.EvolSettings, EVOL_OWN_FIELDS) | TEACHER_KEYS | CACHE_KEYS | {"output"}, ev_settings_from, execute_ev),
+}
 
 
 def print_result(r: ExpandResult) -> None:

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-from distill.commands.common import add_cache_flags, add_io_flags, add_teacher_flags, pipeline_settings, print_stages
+from distill.commands.common import (
+    CACHE_KEYS,
+    TEACHER_KEYS,
+    Runnable,
+    add_cache_flags,
+    add_io_flags,
+    add_teacher_flags,
+    check_job_output,
+    config_keys,
+    pipeline_settings,
+    print_stages,
+)
 from distill.config_flags import add_config_flags
 from synth.pipelines import feedback
 from synth.pipelines.stages import PIPELINE_FIELDS
@@ -32,5 +43,25 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the command."""
-    print_stages(feedback.run(pipeline_settings(args, feedback.FeedbackSettings)))
+    return execute(settings_from(vars(args)))
+
+
+def settings_from(values: dict) -> feedback.FeedbackSettings:
+    """The settings from flag values (a parsed command line, or a recipe stage's keys)."""
+    return pipeline_settings(values, feedback.FeedbackSettings)
+
+
+def execute(settings: feedback.FeedbackSettings) -> int:
+    """Run the pipeline and print what it did."""
+    check_job_output(settings.output, dict(settings))
+    print_stages(feedback.run(settings))
     return 0
+
+
+#: `distill feedback` as a recipe stage.
+RUNNABLE = {
+    "feedback": Runnable(
+        config_keys(feedback.FeedbackSettings, PIPELINE_FIELDS) | TEACHER_KEYS | CACHE_KEYS | {"input", "output", "limit", "judge", "student", "candidate_model"},
+        settings_from, execute, repeated=frozenset({"judge", "candidate_model"}),
+    )
+}

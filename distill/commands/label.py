@@ -11,6 +11,11 @@ from pathlib import Path
 from distill.commands.common import (
     add_cache_flags,
     add_teacher_override_flags,
+    CACHE_KEYS,
+    TEACHER_KEYS,
+    Runnable,
+    check_job_output,
+    config_keys,
     limit_type,
     pipeline_settings,
 )
@@ -50,8 +55,25 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the command."""
-    print_result(run_label(pipeline_settings(args, LabelSettings)))
+    return execute(settings_from(vars(args)))
+
+
+def settings_from(values: dict) -> LabelSettings:
+    """The settings from flag values (a parsed command line, or a recipe stage's keys)."""
+    return pipeline_settings(values, LabelSettings)
+
+
+def execute(settings: LabelSettings) -> int:
+    """Run the pipeline and print what it did."""
+    check_job_output(settings.output, dict(settings))
+    print_result(run_label(settings))
     return 0
+
+
+
+#: `distill label` as a recipe stage.
+RUNNABLE = {"label": Runnable(config_keys(LabelSettings, PIPELINE_FIELDS) | TEACHER_KEYS | CACHE_KEYS | {"input", "output", "limit", "n", "demonstrations"},
+                              settings_from, execute, repeated=frozenset({"teacher"}))}
 
 
 def print_result(r: LabelResult) -> None:

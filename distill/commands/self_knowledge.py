@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from distill.commands.common import add_cache_flags, add_io_flags, pipeline_settings, print_stages
+from distill.commands.common import CACHE_KEYS, Runnable, add_cache_flags, add_io_flags, check_job_output, config_keys, pipeline_settings, print_stages
 from distill.config_flags import add_config_flags
 from synth.pipelines import self_knowledge
 from synth.pipelines.stages import PIPELINE_FIELDS
@@ -27,5 +27,20 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the command."""
-    print_stages(self_knowledge.run(pipeline_settings(args, self_knowledge.SelfSettings)))
+    return execute(settings_from(vars(args)))
+
+
+def settings_from(values: dict) -> self_knowledge.SelfSettings:
+    """The settings from flag values (a parsed command line, or a recipe stage's keys)."""
+    return pipeline_settings(values, self_knowledge.SelfSettings)
+
+
+def execute(settings: self_knowledge.SelfSettings) -> int:
+    """Run the pipeline and print what it did."""
+    check_job_output(settings.output, dict(settings))
+    print_stages(self_knowledge.run(settings))
     return 0
+
+
+#: `distill self` as a recipe stage (the student is its only model: no teacher).
+RUNNABLE = {"self": Runnable(config_keys(self_knowledge.SelfSettings, PIPELINE_FIELDS) | CACHE_KEYS | {"input", "output", "limit"}, settings_from, execute)}

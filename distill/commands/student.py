@@ -5,6 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from distill.commands.common import Runnable
+from distill.config_flags import describe_errors
+from synth.errors import ConfigError
+
 
 def register(sub) -> None:
     """Add the `student` command group."""
@@ -38,14 +44,49 @@ def keep_value(text: str) -> float | int:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a fraction (0.5) nor a layer count (8)") from None
 
 
+class DeriveSettings(BaseModel):
+    """Settings of `distill student derive`: the source model, what to keep and where the student goes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = "embedded"
+    keep: int | float
+    out: str
+    overwrite: bool = False
+
+
 def run_derive(args: argparse.Namespace) -> int:
+    """Derive the student and say what was kept."""
+    return execute(settings_from(vars(args)))
+
+
+def settings_from(values: dict) -> DeriveSettings:
+    """The settings from flag values (a parsed command line, or a recipe stage's keys: `from` is `--from`)."""
+    own = {"source": values["from"]} if "from" in values else {}
+    own.update({k: values[k] for k in DeriveSettings.model_fields if k in values})
+    if isinstance(own.get("keep"), str):
+        try:
+            own["keep"] = keep_value(own["keep"])
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"--keep: {exc}") from None
+    try:
+        return DeriveSettings(**own)
+    except ValidationError as exc:
+        raise ConfigError(describe_errors(exc, set(own))) from None
+
+
+def execute(settings: DeriveSettings) -> int:
     """Derive the student and say what was kept."""
     # Imported when it runs: deriving loads torch and transformers, which `distill --help` must not pay for.
     from trainers.student import DERIVED_FROM, derive_student
 
-    out = derive_student(args.source, args.keep, args.out, overwrite=args.overwrite)
+    out = derive_student(settings.source, settings.keep, settings.out, overwrite=settings.overwrite)
     info = json.loads((out / DERIVED_FROM).read_text(encoding="utf-8"))
     kept = info["kept_layers"]
     print(f"student: {out} ({len(kept)} of {info['source_layers']} layers of {info['source']})")
     print(f"kept layers: {', '.join(map(str, kept))}")
     return 0
+
+
+#: `distill student derive` as a recipe stage.
+RUNNABLE = {"student derive": Runnable(frozenset({"from", "source", "keep", "out", "overwrite"}), settings_from, execute)}

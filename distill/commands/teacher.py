@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from distill.commands.common import add_teacher_flags, teacher_config
+from distill.commands.common import TEACHER_KEYS, Runnable, add_teacher_flags, teacher_config, teacher_overrides
 from synth.redact import redact
-from synth.teachers import build_teacher
+from synth.teachers import TeacherSettings, build_teacher
 
 
 def register(sub) -> None:
@@ -26,7 +26,16 @@ def register(sub) -> None:
 
 def run_check(args: argparse.Namespace) -> int:
     """Run the probe and print one line per capability."""
-    config = teacher_config(args)
+    return execute(settings_from(vars(args)))
+
+
+def settings_from(values: dict) -> TeacherSettings:
+    """The teacher's settings from flag values (a parsed command line, or a recipe stage's keys)."""
+    return teacher_config(values.get("teacher") or "embedded", teacher_overrides(values))
+
+
+def execute(config: TeacherSettings) -> int:
+    """Run the probe and print one line per capability."""
     teacher = build_teacher(config)
 
     async def probe():
@@ -45,3 +54,7 @@ def run_check(args: argparse.Namespace) -> int:
     for note in caps.notes:
         print(f"note:         {redact(note)}")
     return 0
+
+
+#: `distill teacher check` as a recipe stage.
+RUNNABLE = {"teacher check": Runnable(TEACHER_KEYS, settings_from, execute)}

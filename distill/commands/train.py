@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from distill.commands.common import Runnable, config_keys
 from distill.config_flags import add_config_flags, load_config
 from trainers import METHODS, train
+from trainers.settings import TrainSettings
 
 
 def register(sub) -> None:
@@ -20,9 +22,27 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train and say where the model, metrics and plot went."""
-    result = train(args.method, load_config(args, METHODS[args.method].settings))
+    return execute(settings_from(vars(args)))
+
+
+def settings_from(values: dict) -> TrainSettings:
+    """The settings of method `values['method']` from flag values (a parsed command line, or a recipe stage's keys)."""
+    return load_config(argparse.Namespace(**values), METHODS[values["method"]].settings)
+
+
+def execute(settings: TrainSettings) -> int:
+    """Train the method these settings configure, and say where the model, metrics and plot went."""
+    method = next(name for name, m in METHODS.items() if type(settings) is m.settings)
+    result = train(method, settings)
     print(f"model: {result.output_dir}")
     print(f"metrics: {result.output_dir / 'metrics.json'}  curves: {result.output_dir / 'training_curves.png'}")
     for key, value in sorted(result.metrics.items()):
         print(f"  {key}: {value:.4g}")
     return 0
+
+
+#: `distill train METHOD` as recipe stages, one per method.
+RUNNABLE = {
+    f"train {name}": Runnable(config_keys(method.settings), lambda values, name=name: settings_from({**values, "method": name}), execute)
+    for name, method in METHODS.items()
+}

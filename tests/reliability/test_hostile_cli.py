@@ -186,13 +186,13 @@ def test_bad_flag_values_stop_before_any_work(tmp_path, prompts, cache_dir, caps
 
 
 def test_teacher_overrides_are_validated_and_name_the_flag(tmp_path):
-    from distill.commands.common import teacher_config
+    from distill.commands.common import teacher_config, teacher_overrides
     from synth.errors import ConfigError
 
     # The flags' own types catch this at parsing; teacher_config is the same check for any caller.
     args = argparse.Namespace(teacher=closed_teacher(), concurrency=0, batch_size=None, timeout=-1.0, max_retries=None, api_key_env=None)
     with pytest.raises(ConfigError, match=r"--concurrency: Input should be greater than or equal to 1; --timeout: Input should be greater than 0"):
-        teacher_config(args)
+        teacher_config(args.teacher, teacher_overrides(vars(args)))
 
 
 def test_sampling_params_refuse_non_finite_values():
