@@ -10,10 +10,8 @@ What each stage has done and made is kept in its state file (`distill/recipe_sta
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import hashlib
-import io
+import importlib
 import json
 import os
 import re
@@ -24,6 +22,8 @@ from typing import Any
 import yaml
 
 from distill import code_fingerprint
+from distill.cli import command_modules
+from distill.commands.common import SWITCHES, Runnable
 from distill.content_hash import NOT_INPUTS, content_hash, file_digest, named_inputs
 from synth import safe_yaml
 from synth.errors import ConfigError
@@ -111,7 +111,7 @@ def expand_vars(text: str, variables: dict[str, str], where: Path) -> str:
 
 
 def load_recipe(path: str | Path, variables: dict[str, str] | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Recipe:
-    """Read, expand and validate a recipe: every key of every stage must be a flag of its command.
+    """Read, expand and validate a recipe: every stage's keys are checked as its command checks its flags.
 
     `variables` replace the recipe's vars (`--var NAME=VALUE`); `overrides` replace or add stage
     keys (`--set STAGE.KEY=VALUE`), checked like the recipe's own keys.
@@ -124,9 +124,7 @@ def load_recipe(path: str | Path, variables: dict[str, str] | None = None, overr
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe is a mapping with a 'stages' list")
     given = {k: expand_vars(v, {}, path) for k, v in _vars(raw.get("vars"), path).items()}
-    data = _yaml(expand_vars(text, {**given, **(variables or {})}, path), path) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a recipe is a mapping with a 'stages' list (after putting in the vars)")
+    data = _expand_all(raw, {**given, **(variables or {})}, path)
     for key in ("name", "work_dir"):
         if data.get(key) is not None and not isinstance(data[key], _SCALARS):
             raise ConfigError(f"{path}: key '{key}': expected a string, got {_kind(data[key])}")
@@ -141,9 +139,6 @@ def load_recipe(path: str | Path, variables: dict[str, str] | None = None, overr
     work_dir = Path(data.get("work_dir") or f"out/{name}")
     teacher_arg = _teacher_arg(data.get("teacher"), work_dir, path)
 
-    from distill.cli import build_parser
-
-    parser = build_parser()
     stages: list[Stage] = []
     outputs: dict[str, Path | None] = {}
     written: dict[str, tuple[list[str], str | None]] = {}
@@ -162,31 +157,70 @@ def load_recipe(path: str | Path, variables: dict[str, str] | None = None, overr
         for key, value in settings.items():
             if not _setting_ok(value):
                 raise ConfigError(f"{path}: stage '{stage_name}': key '{key}': expected a string, number, true/false or a list of them, got {_kind(value)}")
-        sub = _subparser(parser, command, stage_name, path)
-        flags = _flags_of(sub)
-        if "teacher" in flags and "teacher" not in settings and teacher_arg is not None:
+        runnable = _runnable(command, stage_name, path)
+        if "teacher" in runnable.keys and "teacher" not in settings and teacher_arg is not None:
             settings["teacher"] = teacher_arg
         depends = sorted({m.group(2) for v in settings.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str) and (m := _REF.match(r))})
         check_kinds(stage_name, command, settings, written, path)
         written[stage_name] = (command, output_kind(command, settings))
         settings = {k: _resolve_refs(v, outputs, stage_name, path) for k, v in settings.items()}
-        argv = list(command)
-        for key, value in settings.items():
-            if key not in flags:
+        for key in settings:
+            if key not in runnable.keys:
                 raise ConfigError(f"{path}: stage '{stage_name}' ({' '.join(command)}): unknown key '{key}'")
-            argv += _to_argv(flags[key], value)
-        err = io.StringIO()
         try:
-            with contextlib.redirect_stderr(err):  # argparse's usage text would bury the one line that matters
-                sub.parse_args(argv[len(command):])
-        except SystemExit:
-            why = (err.getvalue().strip().splitlines() or [""])[-1].split(": error: ")[-1]
-            why = re.sub(r"argument --([\w-]+)(/-\w+)?", lambda m: f"key '{m.group(1).replace('-', '_')}'", why)
-            raise ConfigError(f"{path}: stage '{stage_name}': {why} (as `distill {' '.join(argv)}`)") from None
+            runnable.settings_from(flag_values(settings))  # checked now, built again when the stage runs
+        except ConfigError as exc:
+            why = re.sub(r"--([\w-]+):", lambda m: f"key '{m.group(1).replace('-', '_')}':", str(exc))
+            raise ConfigError(f"{path}: stage '{stage_name}': {why}") from None
+        argv = [*command, *(arg for key, value in settings.items() for arg in _to_argv(runnable, key, value))]
         output = next((Path(str(settings[k])) for k in OUTPUT_KEYS if k in settings), None)
         outputs[stage_name] = output
         stages.append(Stage(stage_name, command, settings, argv, output, depends))
     return Recipe(path=path, name=name, work_dir=work_dir, stages=stages)
+
+
+def runnables() -> dict[str, Runnable]:
+    """Every command a recipe stage can run, by its words ('label', 'train sft'): each command module's RUNNABLE."""
+    found: dict[str, Runnable] = {}
+    for module in command_modules():
+        found.update(getattr(importlib.import_module(f"distill.commands.{module}"), "RUNNABLE", {}))
+    return found
+
+
+def stage_runnable(stage: Stage) -> Runnable:
+    """The command a stage runs."""
+    return runnables()[" ".join(stage.command)]
+
+
+def flag_values(settings: dict[str, Any]) -> dict[str, Any]:
+    """A stage's settings as a command line would give them: text (read as the flag's type), true/false, lists of text."""
+
+    def text(value: Any) -> Any:
+        return value if isinstance(value, bool) else str(value)
+
+    return {key: [text(v) for v in value] if isinstance(value, list) else text(value) for key, value in settings.items()}
+
+
+def _runnable(command: list[str], stage: str, path: Path) -> Runnable:
+    """The command a stage names; an unknown one, or a group without its subcommand, is an error naming the stage."""
+    words = " ".join(command)
+    known = runnables()
+    if words in known:
+        return known[words]
+    if any(name.startswith(words + " ") for name in known):
+        raise ConfigError(f"{path}: stage '{stage}': 'distill {words}' needs a subcommand")
+    raise ConfigError(f"{path}: stage '{stage}': unknown command 'distill {words}'")
+
+
+def _expand_all(value: Any, variables: dict[str, str], where: Path) -> Any:
+    """The parsed recipe with ${VAR} replaced in every string (see `expand_vars`)."""
+    if isinstance(value, str):
+        return expand_vars(value, variables, where)
+    if isinstance(value, list):
+        return [_expand_all(v, variables, where) for v in value]
+    if isinstance(value, dict):
+        return {k: _expand_all(v, variables, where) for k, v in value.items()}
+    return value
 
 
 #: The record kind each synthesis command writes, given its stage's settings (its pipeline's `output_kind`).
@@ -313,31 +347,6 @@ def _teacher_arg(block: Any, work_dir: Path, path: Path) -> str | None:
     return str(target)
 
 
-def _subparser(parser: argparse.ArgumentParser, command: list[str], stage: str, path: Path) -> argparse.ArgumentParser:
-    current = parser
-    for word in command:
-        actions = [a for a in current._actions if isinstance(a, argparse._SubParsersAction)]
-        if not actions or word not in actions[0].choices:
-            raise ConfigError(f"{path}: stage '{stage}': unknown command 'distill {' '.join(command)}'")
-        current = actions[0].choices[word]
-    if any(isinstance(a, argparse._SubParsersAction) for a in current._actions):
-        raise ConfigError(f"{path}: stage '{stage}': 'distill {' '.join(command)}' needs a subcommand")
-    return current
-
-
-def _flags_of(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    """Recipe keys a command accepts: each flag's long name with underscores (`--max-steps` → max_steps), and its dest."""
-    keys = {}
-    for action in parser._actions:
-        if not action.option_strings or action.dest == "help":
-            continue
-        keys[action.dest] = action
-        for flag in action.option_strings:
-            if flag.startswith("--"):
-                keys[flag[2:].replace("-", "_")] = action
-    return keys
-
-
 def _resolve_refs(value: Any, outputs: dict[str, Path | None], stage: str, path: Path) -> Any:
     if isinstance(value, list):
         return [_resolve_refs(v, outputs, stage, path) for v in value]
@@ -352,14 +361,15 @@ def _resolve_refs(value: Any, outputs: dict[str, Path | None], stage: str, path:
     return value
 
 
-def _to_argv(action: argparse.Action, value: Any) -> list[str]:
-    flag = next((s for s in action.option_strings if s.startswith("--")), action.option_strings[0])
-    if isinstance(action, argparse.BooleanOptionalAction):
+def _to_argv(runnable: Runnable, key: str, value: Any) -> list[str]:
+    """One setting as the command line that would give it, for printing and the state file."""
+    flag = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        if key in SWITCHES:
+            return [flag] if value else []
         return [flag if value else "--no-" + flag[2:]]
-    if action.nargs == 0:  # store_true / store_const
-        return [flag] if value else []
     values = value if isinstance(value, list) else [value]
-    if isinstance(action, argparse._AppendAction):
+    if key in runnable.repeated:
         return [x for v in values for x in (flag, str(v))]
     return [flag, *map(str, values)]
 
@@ -370,7 +380,7 @@ def fingerprint(stage: Stage, root: Path | None = None) -> str:
     The code is found by walking the imports of the stage's command (`distill.code_fingerprint`);
     `root` is the checkout holding it (default: this one).
     """
-    h = hashlib.sha256(json.dumps(stage.argv).encode())
+    h = hashlib.sha256(json.dumps([stage.command, flag_values(stage.settings)], sort_keys=True).encode())
     for key, value in sorted(stage.settings.items()):
         if key in NOT_INPUTS:
             continue

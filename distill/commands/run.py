@@ -7,7 +7,8 @@ import gc
 import time
 from pathlib import Path
 
-from distill.recipe import fingerprint, load_recipe, parse_assignments
+from distill.cli import debug_from_env, report_error
+from distill.recipe import Stage, fingerprint, flag_values, load_recipe, parse_assignments, stage_runnable
 from distill.recipe_state import clear_outputs, finished, made_before, mark, read_state, status
 
 
@@ -32,7 +33,6 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run (or plan) the recipe; stops at the first stage that fails."""
-    from distill.cli import main as distill_main
     from synth.datacard import check_card_target, write_data_card
     from synth.errors import ConfigError
     from synth.redact import redact_all
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         print(line, flush=True)
         mark(recipe, stage, "running", made)
         started = time.monotonic()
-        code = distill_main(stage.argv)
+        code = run_stage(stage)
         gc.collect()  # stages load models; let the next one start with the memory back
         if code != 0:
             print(f"stage {stage.name} failed (exit {code}); fix it and rerun: finished stages are kept")
@@ -89,6 +89,15 @@ def run(args: argparse.Namespace) -> int:
         for name, out in outputs:
             print(f"  {name}: {out}{_what(out)}")
     return 0
+
+
+def run_stage(stage: Stage) -> int:
+    """Run one stage in this process, as its command would run; what stops it prints one line, as the CLI does."""
+    runnable = stage_runnable(stage)
+    try:
+        return runnable.execute(runnable.settings_from(flag_values(stage.settings)))
+    except (SystemExit, KeyboardInterrupt, Exception) as exc:
+        return report_error(exc, debug_from_env())
 
 
 def _what(out: Path) -> str:

@@ -99,7 +99,7 @@ def test_refused_connection_leaves_no_journal_and_the_earlier_output(tmp_path):
     "recipe, message",
     [
         ("recipe_unknown_key.yaml", "recipe_unknown_key.yaml: stage 'answers' (generate): unknown key 'temprature'"),
-        ("recipe_wrong_type.yaml", "recipe_wrong_type.yaml: stage 'answers': key 'max_tokens': invalid int value: 'lots'"),
+        ("recipe_wrong_type.yaml", "recipe_wrong_type.yaml: stage 'answers': key 'max_tokens': Input should be a valid integer"),
         ("recipe_bad_yaml.yaml", "recipe_bad_yaml.yaml:4: not valid YAML"),
     ],
 )
