@@ -376,7 +376,7 @@ def test_yaml_config_with_nested_dedup_and_flags_on_top(tmp_path):
 
     def settings(*flags: str) -> SelfInstructSettings:
         args = build_parser().parse_args(["expand", "self-instruct", "--output", str(tmp_path / "si.jsonl"), *flags])
-        return pipeline_settings(args, SelfInstructSettings)
+        return pipeline_settings(vars(args), SelfInstructSettings)
 
     path = tmp_path / "si.yaml"
     path.write_text("target: 7\nmax_rounds: 4\ndedup:\n  threshold: 0.8\n  shingle_size: 3\n")

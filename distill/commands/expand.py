@@ -46,7 +46,7 @@ def register(sub) -> None:
         "are also written to OUT.work/instructions.jsonl.",
     )
     _common(si, self_instruct.SelfInstructSettings, PIPELINE_FIELDS)
-    si.set_defaults(func=run_si)
+    si.set_defaults(func=run)
     ev = methods.add_parser(
         "evol",
         help="Evol-Instruct: evolve instructions in depth and breadth, eliminate failures, answer survivors",
@@ -57,7 +57,7 @@ def register(sub) -> None:
         "too-short answer. Survivors are kept and evolve further in the next round.",
     )
     _common(ev, evol.EvolSettings, EVOL_OWN_FIELDS)
-    ev.set_defaults(func=run_ev)
+    ev.set_defaults(func=run)
 
 
 def _common(p: argparse.ArgumentParser, model, own_fields) -> None:
@@ -67,49 +67,36 @@ def _common(p: argparse.ArgumentParser, model, own_fields) -> None:
     add_cache_flags(p)
 
 
-def run_si(args: argparse.Namespace) -> int:
-    """Run `expand self-instruct`."""
-    return execute_si(si_settings_from(vars(args)))
+def run(args: argparse.Namespace) -> int:
+    """Run `expand METHOD`: the same two steps a recipe stage takes."""
+    method = RUNNABLE[f"expand {args.method}"]
+    return method.execute(method.settings_from(vars(args)))
 
 
-def si_settings_from(values: dict) -> self_instruct.SelfInstructSettings:
-    """`expand self-instruct`'s settings from flag values (a parsed command line, or a recipe stage's keys)."""
-    return pipeline_settings(values, self_instruct.SelfInstructSettings)
-
-
-def execute_si(settings: self_instruct.SelfInstructSettings) -> int:
-    """Run `expand self-instruct` and print what it did."""
+def execute(settings: self_instruct.SelfInstructSettings | evol.EvolSettings) -> int:
+    """Run the method these settings configure and print what it did."""
     check_job_output(settings.output, dict(settings))
-    result = self_instruct.run(settings)
-    print(f"new instructions: {result.instructions} in {result.rounds} rounds")
+    if isinstance(settings, evol.EvolSettings):
+        result = evol.run(settings)
+        print(f"evolved instructions kept: {result.instructions} over {result.rounds} rounds")
+    else:
+        result = self_instruct.run(settings)
+        print(f"new instructions: {result.instructions} in {result.rounds} rounds")
     print_result(result)
     return 0
 
 
-def run_ev(args: argparse.Namespace) -> int:
-    """Run `expand evol`."""
-    return execute_ev(ev_settings_from(vars(args)))
-
-
-def ev_settings_from(values: dict) -> evol.EvolSettings:
-    """`expand evol`'s settings from flag values (a parsed command line, or a recipe stage's keys)."""
-    return pipeline_settings(values, evol.EvolSettings, EVOL_OWN_FIELDS)
-
-
-def execute_ev(settings: evol.EvolSettings) -> int:
-    """Run `expand evol` and print what it did."""
-    check_job_output(settings.output, dict(settings))
-    result = evol.run(settings)
-    print(f"evolved instructions kept: {result.instructions} over {result.rounds} rounds")
-    print_result(result)
-    return 0
-
-
-
-#: `distill expand self-instruct` and `distill expand evol` as recipe stages.
+#: `distill expand self-instruct` and `distill expand evol` as recipe stages; settings from flag values
+#: (a parsed command line, or a recipe stage's keys).
 RUNNABLE = {
-    "expand self-instruct": Runnable(config_keys(self_instruct.SelfInstructSettings, PIPELINE_FIELDS) | TEACHER_KEYS | CACHE_KEYS | {"output"}, si_settings_from, execute_si),
-    "expand evol": Runnable(config_keys(evol.EvolSettings, EVOL_OWN_FIELDS) | TEACHER_KEYS | CACHE_KEYS | {"output"}, ev_settings_from, execute_ev),
+    "expand self-instruct": Runnable(
+        config_keys(self_instruct.SelfInstructSettings, PIPELINE_FIELDS) | TEACHER_KEYS | CACHE_KEYS | {"output"},
+        lambda values: pipeline_settings(values, self_instruct.SelfInstructSettings), execute,
+    ),
+    "expand evol": Runnable(
+        config_keys(evol.EvolSettings, EVOL_OWN_FIELDS) | TEACHER_KEYS | CACHE_KEYS | {"output"},
+        lambda values: pipeline_settings(values, evol.EvolSettings, EVOL_OWN_FIELDS), execute,
+    ),
 }
 
 
