@@ -2,8 +2,11 @@
 
 A stage is `{name, command, ...settings}`; its settings are the command's flags with
 underscores (`max_steps: 20` is `--max-steps 20`), so a recipe maps one-to-one onto
-the CLI and its configs. `@name` is the output of stage `name`. Each stage is
-fingerprinted (its arguments, the content of its inputs, the code of its command);
+the CLI and its configs. A stage is checked and run by the same two functions its
+command runs on its parsed flags (the command module's RUNNABLE: `settings_from` and
+`execute`), in this process, with no command line in between. `@name` is the output of
+stage `name`. Each stage is fingerprinted (its settings, the content of its inputs, the
+code of its command);
 a rerun skips stages whose fingerprint is unchanged and resumes an interrupted one.
 What each stage has done and made is kept in its state file (`distill/recipe_state.py`).
 """
