@@ -100,11 +100,13 @@ def test_the_suite_keeps_every_cache_out_of_the_users_home():
     import datasets
     import huggingface_hub.constants as hub
 
+    from distill.content_hash import kept_digests_path
     from synth.teachers.cache import default_cache_dir
     from tests.conftest import SESSION_HOME
 
     home = Path.home().resolve()
-    for where in (datasets.config.HF_DATASETS_CACHE, hub.HF_HOME, hub.HF_HUB_CACHE, default_cache_dir(), os.environ["MPLCONFIGDIR"]):
+    places = (datasets.config.HF_DATASETS_CACHE, hub.HF_HOME, hub.HF_HUB_CACHE, default_cache_dir(), kept_digests_path(), os.environ["MPLCONFIGDIR"])
+    for where in places:
         resolved = Path(where).resolve()
         assert resolved.is_relative_to(SESSION_HOME.resolve()), f"{where} is outside the session's temp dir"
         assert not resolved.is_relative_to(home / ".cache"), where
