@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field, ValidationError, create_model
 
 from distill.config_flags import checked_type, describe_errors, flag_fields, load_config, model_flag_type
 from synth.errors import ConfigError
-from synth.layout import check_output
+from synth.layout import check_output, sibling
 from synth.job import JobSummary, RunSettings
 from synth.pipelines.stages import PIPELINE_FIELDS, StagedResult
 from synth.teachers import SamplingParams, TeacherSettings, TeacherOverrides, parse_teacher_spec
@@ -75,8 +75,7 @@ def pipeline_settings(values: dict, model: type[BaseModel], own: Collection[str]
 
 def check_job_output(output: Path, values: dict) -> None:
     """Refuse, before any request, an output the job must not write: one of the files `values` name (see `check_output`)."""
-    stem = output.name.removesuffix(".jsonl")
-    check_output(output, _named_files(values), also=[output.with_name(f"{stem}.{kind}.jsonl") for kind in ("sft", "pairs")])
+    check_output(output, _named_files(values), also=[sibling(output, kind) for kind in ("sft", "pairs")])
 
 
 def add_teacher_override_flags(g) -> None:
