@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from synth.generators.curate.stages import (
     CellInput,
@@ -42,23 +42,20 @@ from synth.job import JobSummary, RunSettings, run_job
 from synth.layout import check_output, read_rows, rejects_path, stage_output, write_jsonl_atomic, write_text_atomic
 from synth.pipelines.curate_coverage import beside, write_coverage
 from synth.prompts import load_template
+from synth.pipelines.stages import PipelineSettings
 from synth.records import Reject
-from synth.teachers import SamplingParams, TeacherOverrides, build_teacher, resolve_teacher
+from synth.teachers import SamplingParams, build_teacher, resolve_teacher
 from synth.teachers.base import Teacher
 
 _DEFAULT_TASKS = {"en": ["open question", "worked problem", "explanation"], "zh": ["开放性问题", "计算题", "概念解释"]}
 _DEFAULT_LEVELS = {"en": ["easy", "medium", "hard"], "zh": ["简单", "中等", "困难"]}
 
 
-class CurateSettings(BaseModel):
+class CurateSettings(PipelineSettings):
     """Settings of `distill curate`; every default runs."""
-
-    model_config = ConfigDict(extra="forbid")
 
     output: Path = Field(description="JSON Lines of SFT examples; rejects, coverage and tree go beside it.")
     teacher: str = Field("embedded", description="The teacher spec: embedded, hf:PATH, vllm:MODEL, openai:MODEL@BASE_URL, or a teacher .yaml file.")
-    teacher_overrides: TeacherOverrides = TeacherOverrides()
-    run: RunSettings = Field(default_factory=RunSettings, description="Cache, progress and restart (the cache flags).")
 
     taxonomy: str | None = Field(None, description="Taxonomy YAML file, or the name of a shipped one (math_en, zh_general).")
     root_topic: str | None = Field(None, description="Grow a topic tree from this root topic instead of reading a taxonomy.")

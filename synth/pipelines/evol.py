@@ -11,7 +11,7 @@ import asyncio
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from synth.filters.dedup import DedupSettings, Deduplicator, DedupStats
 from synth.generators.expand.answer import AnswerInput, InstructionAnswerGenerator
@@ -33,22 +33,19 @@ from synth.job import JobSummary, RunSettings, run_job
 from synth.layout import check_output, read_rows, rejects_path, stage_output, write_jsonl_atomic
 from synth.pipelines.expand import ExpandResult, load_pool, stage_rejects, tagged, write_rejects
 from synth.prompts import load_template
+from synth.pipelines.stages import PipelineSettings
 from synth.records import Reject
-from synth.teachers import SamplingParams, TeacherOverrides, build_teacher, resolve_teacher
+from synth.teachers import SamplingParams, build_teacher, resolve_teacher
 from synth.teachers.base import Teacher
 
 
-class EvolSettings(BaseModel):
+class EvolSettings(PipelineSettings):
     """Settings of `distill expand evol`; every default runs."""
-
-    model_config = ConfigDict(extra="forbid")
 
     input: Path | None = Field(None, description="JSONL of instructions ({instruction, input?} or Self-Instruct's seed format; default: the shipped seed tasks).")
     limit: int | None = Field(None, ge=1, description="Evolve only the first N instructions.")
     output: Path = Field(description="JSON Lines of SFT examples; OUT.rejects.jsonl and the OUT.work/ stages go beside it.")
     teacher: str = Field("embedded", description="The teacher spec: embedded, hf:PATH, vllm:MODEL, openai:MODEL@BASE_URL, or a teacher .yaml file.")
-    teacher_overrides: TeacherOverrides = TeacherOverrides()
-    run: RunSettings = Field(default_factory=RunSettings, description="Cache, progress and restart (the cache flags).")
 
     rounds: int = Field(1, ge=1, le=10, description="Evolution rounds; survivors are evolved again in the next.")
     operations: list[str] = Field(default_factory=lambda: list(OPERATIONS), description="Operations drawn from: constraints, deepen, concretize, reasoning, complicate_input, breadth.")

@@ -11,20 +11,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from synth.errors import ConfigError
 from synth.generators.feedback.base import CandidateGenerator, Prompted, assemble, candidates_from_rows
 from synth.generators.feedback.critique import CritiqueGenerator, all_critique_records, critique_items
 from synth.generators.feedback.pairwise import PairwiseGenerator, pair_items, pairwise_records
 from synth.generators.feedback.rate import DEFAULT_ASPECTS, RateGenerator, rate_items, rate_records
-from synth.job import RunSettings
 from synth.layout import check_output, sibling, write_jsonl_atomic
-from synth.pipelines.stages import PIPELINE_FIELDS, StagedResult, Stages, TeacherPool, read_inputs
+from synth.pipelines.stages import PIPELINE_FIELDS, PipelineSettings, StagedResult, Stages, TeacherPool, read_inputs
 from synth.prompts import load_template
 from synth.records import Provenance, stable_id
 from synth.redact import redact, redact_data
-from synth.teachers import SamplingParams, TeacherSettings, TeacherOverrides, resolve_teacher
+from synth.teachers import SamplingParams, TeacherSettings, resolve_teacher
 
 #: A teacher spec (embedded, hf:PATH, vllm:MODEL, openai:MODEL@URL, FILE.yaml); set by its own repeatable flag.
 Spec = Annotated[str, Field(min_length=1)]
@@ -32,17 +31,13 @@ Spec = Annotated[str, Field(min_length=1)]
 FALLBACK_TEMPERATURES = [0.2, 1.0]
 
 
-class FeedbackSettings(BaseModel):
+class FeedbackSettings(PipelineSettings):
     """Settings of the feedback pipeline; every method option has a default that runs."""
-
-    model_config = ConfigDict(extra="forbid")
 
     input: Path = Field(description="JSON Lines of prompts.")
     output: Path = Field(description="JSON Lines of records; rejects and stage files go beside it.")
     limit: int | None = Field(None, ge=1, description="Only the first N inputs.")
     teacher: str = Field("embedded", description="The teacher spec: candidates at --temperatures, and the judge when none is named.")
-    teacher_overrides: TeacherOverrides = TeacherOverrides()
-    run: RunSettings = Field(default_factory=RunSettings, description="Cache, progress and restart (the cache flags).")
 
     mode: Literal["rate", "pairwise", "critique"] = Field("rate", description="rate: 1-10 per aspect; pairwise: A vs B both orders; critique: critique + corrected response")
     judge: list[Spec] = Field(default_factory=list, description="Judge specs (repeat --judge for a panel); default: the teacher.")

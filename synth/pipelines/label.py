@@ -20,21 +20,20 @@ from synth.errors import ConfigError
 from synth.filters.verify import get_checker, probe_checker
 from synth.generators.label import LabelGenerator, LabelInput, LabelOptions, LabelSample, SampleGenerator, decide, reason_kind
 from synth.io import read_jsonl
-from synth.job import JobSummary, RunSettings, run_job
+from synth.job import JobSummary, run_job
 from synth.layout import check_output, read_rows, rejects_path, stage_output, write_jsonl_atomic
+from synth.pipelines.stages import PipelineSettings
 from synth.records import Reject
-from synth.teachers import TeacherOverrides, resolve_teacher
+from synth.teachers import resolve_teacher
 
 
-class LabelSettings(LabelOptions):
+class LabelSettings(LabelOptions, PipelineSettings):
     """Settings of `distill label`: the labeling options, the files, the teachers and the cache."""
 
     input: Path = Field(description="JSON Lines with a question field.")
     output: Path = Field(description="JSON Lines of SFT examples; rejects go beside it.")
     limit: int | None = Field(None, ge=1, description="Only the first N inputs.")
     teacher: list[str] = Field(default_factory=lambda: ["embedded"], description="Teacher specs; several are voted across.")
-    teacher_overrides: TeacherOverrides = TeacherOverrides()
-    run: RunSettings = Field(default_factory=RunSettings, description="Cache, progress and restart (the cache flags).")
 
 
 @dataclass

@@ -17,7 +17,7 @@ import random
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from synth.filters.dedup import DedupSettings, Deduplicator, DedupStats
 from synth.generators.expand.answer import NON_TEXT_WORDS, AnswerInput, InstructionAnswerGenerator, instruction_problem
@@ -27,20 +27,17 @@ from synth.job import RunSettings, run_job
 from synth.layout import check_output, read_rows, stage_output, write_jsonl_atomic
 from synth.pipelines.expand import ExpandResult, PoolItem, load_pool, stage_rejects, tagged, write_rejects
 from synth.prompts import load_template
+from synth.pipelines.stages import PipelineSettings
 from synth.records import Reject
-from synth.teachers import SamplingParams, TeacherOverrides, build_teacher, resolve_teacher
+from synth.teachers import SamplingParams, build_teacher, resolve_teacher
 from synth.teachers.base import Teacher
 
 
-class SelfInstructSettings(BaseModel):
+class SelfInstructSettings(PipelineSettings):
     """Settings of `distill expand self-instruct`; every default runs."""
-
-    model_config = ConfigDict(extra="forbid")
 
     output: Path = Field(description="JSON Lines of SFT examples; OUT.rejects.jsonl and the OUT.work/ stages go beside it.")
     teacher: str = Field("embedded", description="The teacher spec: embedded, hf:PATH, vllm:MODEL, openai:MODEL@BASE_URL, or a teacher .yaml file.")
-    teacher_overrides: TeacherOverrides = TeacherOverrides()
-    run: RunSettings = Field(default_factory=RunSettings, description="Cache, progress and restart (the cache flags).")
 
     seeds: Path | None = Field(None, description="JSONL of seed tasks ({instruction, input?, output?} or Self-Instruct's format; default: the 175 shipped seeds).")
     target: int = Field(20, ge=1, description="New instructions to collect.")

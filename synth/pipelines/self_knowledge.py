@@ -11,32 +11,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from synth.filters.verify import get_checker, probe_checker
 from synth.generators.feedback.base import CandidateGenerator, Prompted, assemble, candidates_from_rows
 from synth.generators.feedback.rate import DEFAULT_ASPECTS, RateGenerator, panel_scores, rate_items, ratings_by_key
 from synth.generators.raw import RawGenerator, TemplateInput
 from synth.generators.feedback.self_knowledge import best_index, consistency_scores, self_records
-from synth.job import RunSettings
 from synth.layout import check_output, sibling, write_jsonl_atomic
-from synth.pipelines.stages import PIPELINE_FIELDS, StagedResult, Stages, TeacherPool, read_inputs
+from synth.pipelines.stages import PIPELINE_FIELDS, PipelineSettings, StagedResult, Stages, TeacherPool, read_inputs
 from synth.prompts import load_template
 from synth.records import Provenance
 from synth.redact import redact_data
-from synth.teachers import SamplingParams, TeacherSettings, TeacherOverrides, resolve_teacher
+from synth.teachers import SamplingParams, TeacherSettings, resolve_teacher
 
 
-class SelfSettings(BaseModel):
+class SelfSettings(PipelineSettings):
     """Settings of the self-knowledge pipeline; every method option has a default that runs."""
-
-    model_config = ConfigDict(extra="forbid")
 
     input: Path = Field(description="JSON Lines of prompts.")
     output: Path = Field(description="JSON Lines of SFT examples; pairs, rejects and stage files go beside it.")
     limit: int | None = Field(None, ge=1, description="Only the first N inputs.")
-    teacher_overrides: TeacherOverrides = TeacherOverrides()
-    run: RunSettings = Field(default_factory=RunSettings, description="Cache, progress and restart (the cache flags).")
 
     student: str = Field("embedded", min_length=1, description="The student spec (embedded, hf:PATH, vllm:MODEL, openai:MODEL@URL, FILE.yaml).")
     samples: int = Field(4, ge=1, description="Responses the student samples per prompt.")

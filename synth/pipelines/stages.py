@@ -13,20 +13,29 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from synth.errors import InputError, describe_validation_error
 from synth.generators.feedback.base import FeedbackInput, reason_category
 from synth.io import read_jsonl
 from synth.job import JobSummary, RunSettings, run_job
 from synth.layout import read_rows, rejects_path, stage_dir, stage_output, write_jsonl_atomic
-from synth.teachers import TeacherSettings, build_teacher
+from synth.teachers import TeacherOverrides, TeacherSettings, build_teacher
 from synth.teachers.base import Teacher
 
 R = TypeVar("R", bound="StagedResult")
 
 #: The settings every pipeline has beside its method's own: where it reads and writes, its teachers, its cache.
 PIPELINE_FIELDS = frozenset({"input", "output", "limit", "teacher", "teacher_overrides", "run"})
+
+
+class PipelineSettings(BaseModel):
+    """What every pipeline's settings hold besides its own: teacher overrides and the cache, set by flags only."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    teacher_overrides: TeacherOverrides = TeacherOverrides()
+    run: RunSettings = Field(default_factory=RunSettings, description="Cache, progress and restart (the cache flags).")
 
 
 class TeacherPool:
