@@ -65,30 +65,46 @@ def test_engine_kwargs_merge_engine_args():
 # --- our SamplingParams -> vLLM keyword arguments -------------------------
 
 
+def _req(params: SamplingParams, offset: int = 0, text: str = "hi") -> ChatRequest:
+    return ChatRequest(messages=[Message(role="user", content=text)], params=params, sample_offset=offset)
+
+
 def test_sampling_kwargs_minimal():
-    assert sampling_kwargs(SamplingParams()) == {"n": 1, "temperature": 0.7, "top_p": 1.0, "max_tokens": 512}
+    assert sampling_kwargs(_req(SamplingParams())) == {"n": 1, "temperature": 0.7, "top_p": 1.0, "max_tokens": 512}
 
 
 def test_sampling_kwargs_full():
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     params = SamplingParams(temperature=0.0, top_p=0.9, max_tokens=64, n=3, seed=100,
                             stop=["\n\n"], logprobs=5, json_schema=schema)
-    kw = sampling_kwargs(params, sample_offset=4, json_field=("structured_outputs", structured))
+    req = _req(params, offset=4)
+    kw = sampling_kwargs(req, json_field=("structured_outputs", structured))
     assert kw == {
         "n": 3, "temperature": 0.0, "top_p": 0.9, "max_tokens": 64,
-        "seed": 104,  # seed of sample 4; vLLM gives child i seed + i
+        "seed": req.sample_seed(4),  # seed of sample 4; vLLM gives child i seed + i, as sample_seed does
         "stop": ["\n\n"], "logprobs": 5,
         "structured_outputs": ("SO", {"json": schema}),
     }
 
 
 def test_sampling_kwargs_logprobs_zero_is_kept():
-    assert sampling_kwargs(SamplingParams(logprobs=0))["logprobs"] == 0
+    assert sampling_kwargs(_req(SamplingParams(logprobs=0)))["logprobs"] == 0
+
+
+def test_sample_seeds_are_per_request_and_consecutive():
+    """Two prompts with one base seed draw from different streams; a request's samples are base + i."""
+    a, b = _req(SamplingParams(seed=0), text="a"), _req(SamplingParams(seed=0), text="b")
+    assert a.sample_seed(0) != b.sample_seed(0)
+    assert abs(a.sample_seed(0) - b.sample_seed(0)) > 1000  # not neighbouring streams either
+    assert a.sample_seed(3) == a.sample_seed(0) + 3
+    assert _req(SamplingParams(seed=1), text="a").sample_seed(0) != a.sample_seed(0)
+    assert _req(SamplingParams(), text="a").sample_seed(0) is None
+    assert 0 <= a.sample_seed(0) < 2**31
 
 
 def test_json_schema_without_structured_support_fails_the_request():
     with pytest.raises(PermanentTeacherError):
-        sampling_kwargs(SamplingParams(json_schema={"type": "object"}), json_field=None)
+        sampling_kwargs(_req(SamplingParams(json_schema={"type": "object"})), json_field=None)
 
 
 def test_resolve_json_field_prefers_structured_outputs():
@@ -217,7 +233,8 @@ def test_teacher_batches_and_isolates_failures(fake_vllm):
     requests[0] = requests[0].model_copy(update={"sample_offset": 3})
     results = asyncio.run(teacher.generate(requests))
     assert teacher._llm.calls == [3, 1, 1, 1]  # the batch, then one by one after it failed
-    assert [c.text for c in results[0].completions] == ["a#13", "a#13"]
+    first = requests[0].sample_seed(3)  # the seed of sample 3 of that request
+    assert [c.text for c in results[0].completions] == [f"a#{first}", f"a#{first}"]
     assert isinstance(results[1], PermanentTeacherError) and "\n" not in results[1].message
     assert results[2].completions[0].text == "c#None"
     assert (teacher.stats.requests_sent, teacher.stats.requests_ok, teacher.stats.errors) == (3, 2, 1)

@@ -8,6 +8,8 @@ differ only inside `generate`; caching, resume and progress live elsewhere.
 from __future__ import annotations
 
 import abc
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
@@ -26,7 +28,7 @@ class SamplingParams(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int = Field(512, ge=1)
     n: int = Field(1, ge=1, description="Completions per request.")
-    seed: int | None = Field(None, description="Base seed; sample i uses seed + i.")
+    seed: int | None = Field(None, description="Base seed; each request derives its samples' seeds from it (see ChatRequest.sample_seed).")
     stop: list[str] | None = None
     logprobs: int | None = Field(None, ge=0, le=20, description="Top-k logprobs per generated token.")
     json_schema: dict[str, Any] | None = Field(None, description="Ask for JSON output matching this schema.")
@@ -35,9 +37,10 @@ class SamplingParams(BaseModel):
         """The parameters that change what one sample looks like (all but n)."""
         return self.model_dump(exclude={"n"})
 
-    def sample_seed(self, index: int) -> int | None:
-        """The seed of sample `index`, so a resumed request reproduces the same samples."""
-        return None if self.seed is None else self.seed + index
+
+
+#: Seeds stay below 2**31: llama.cpp reads a 32-bit seed, and some servers a signed one.
+SEED_RANGE = 2**31
 
 
 class ChatRequest(BaseModel):
@@ -48,6 +51,20 @@ class ChatRequest(BaseModel):
     messages: list[Message]
     params: SamplingParams = SamplingParams()
     sample_offset: int = Field(0, ge=0)
+
+    def sample_seed(self, index: int) -> int | None:
+        """The seed of sample `index`: a hash of the request (messages and parameters, base seed included) plus `index`.
+
+        Reproducible (a resumed request redraws the same samples), yet two prompts never share
+        a random stream as they would with `seed + index`. Consecutive samples get consecutive
+        seeds, the rule vLLM and OpenAI-compatible servers apply to the choices of one `n` request.
+        """
+        if self.params.seed is None:
+            return None
+        payload = {"messages": [m.model_dump() for m in self.messages], "params": self.params.cache_fields()}
+        digest = hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+        # Room for 2**20 samples above the base, so `base + index` never wraps (vLLM adds i itself).
+        return int(digest[:15], 16) % (SEED_RANGE - 2**20) + index
 
 
 class TopLogprob(BaseModel):
@@ -68,19 +85,43 @@ class TokenLogprob(BaseModel):
 
 
 class Completion(BaseModel):
-    """One sampled answer."""
+    """One sampled answer: `text` is the answer alone; a reasoning model's thinking is in `reasoning`."""
 
     text: str
     finish_reason: str | None = None
     completion_tokens: int = 0
-    logprobs: list[TokenLogprob] | None = None
+    logprobs: list[TokenLogprob] | None = Field(None, description="Per token of `text` (never of the reasoning).")
+    reasoning: str | None = Field(None, description="The chain of thought a reasoning model wrote before its answer.")
+    reasoning_tokens: int = Field(0, description="Of completion_tokens, how many were reasoning (where the server says).")
+    refusal: str | None = Field(None, description="The model's refusal message, when it declined (OpenAI's `refusal`).")
+
+    def not_an_answer(self) -> str | None:
+        """Why this completion is no answer at all (refused, filtered, a tool call, empty), or None when it is one.
+
+        Such a sample is a reject with this reason, never a record; an answer cut at max_tokens
+        is still an answer here (each method decides what a truncated one is worth).
+        """
+        if self.refusal:
+            return "refused: " + " ".join(self.refusal.split())[:300]
+        if self.finish_reason == "content_filter":
+            return "content filter: the provider withheld the answer"
+        if self.text.strip():
+            return None
+        if self.finish_reason in ("tool_calls", "function_call"):
+            return "tool call instead of an answer"
+        if self.reasoning and self.finish_reason == "length":
+            return "cut off while reasoning: max_tokens ran out before the answer"
+        if self.finish_reason == "length":
+            return "empty answer: cut off at max_tokens"
+        return "empty answer"
 
 
 class Usage(BaseModel):
     """Tokens billed for one request (all its completions)."""
 
     prompt_tokens: int = 0
-    completion_tokens: int = 0
+    completion_tokens: int = Field(0, description="Every generated token, reasoning included (that is what is billed).")
+    reasoning_tokens: int = 0
 
 
 class ChatResponse(BaseModel):
@@ -132,6 +173,8 @@ class TeacherStats:
     errors: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: Of completion_tokens, those spent reasoning (billed as completion tokens).
+    reasoning_tokens: int = 0
 
 
 class Capabilities(BaseModel):

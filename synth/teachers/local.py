@@ -205,8 +205,8 @@ class TransformersTeacher(Teacher):
                 # Temperature, top_p and seed are per row (see _RowSampler); these are not.
                 key = (p.max_tokens, tuple(p.stop or ()), p.logprobs)
                 for k in range(p.n):
-                    # Seeded samples use seed + index, so a resumed request redraws the same ones.
-                    seed = p.sample_seed(req.sample_offset + k)
+                    # Seeded samples get the request's own seeds, so a resumed request redraws the same ones.
+                    seed = req.sample_seed(req.sample_offset + k)
                     groups.setdefault(key, []).append(_Row(i, k, prompt, p, secrets.randbits(63) if seed is None else seed))
             for (max_tokens, stop, logprobs), rows in groups.items():
                 rows.sort(key=lambda r: len(r.prompt))  # similar lengths together: less padding

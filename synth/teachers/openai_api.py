@@ -201,16 +201,16 @@ class OpenAITeacher(Teacher):
     async def _complete(self, req: ChatRequest) -> ChatResponse:
         p, want, off = req.params, req.params.n, req.sample_offset
         if want > 1 and self.n_supported is False:
-            replies = await _gather_or_raise(self._request(req, 1, p.sample_seed(off + i)) for i in range(want))
+            replies = await _gather_or_raise(self._request(req, 1, req.sample_seed(off + i)) for i in range(want))
         else:
-            first = await self._request(req, want, p.sample_seed(off))
+            first = await self._request(req, want, req.sample_seed(off))
             replies, got = [first], len(first.completions)
             if want > 1 and self.n_supported is None:
                 self.n_supported = got >= want
                 if not self.n_supported:
                     self._note(f"server returned {got} of n={want} choices; asking once per missing sample with its own seed")
             if got < want:
-                replies += await _gather_or_raise(self._request(req, 1, p.sample_seed(off + i)) for i in range(got, want))
+                replies += await _gather_or_raise(self._request(req, 1, req.sample_seed(off + i)) for i in range(got, want))
         completions = [c for r in replies for c in r.completions][:want]
         usage = Usage(
             prompt_tokens=sum(r.usage.prompt_tokens for r in replies), completion_tokens=sum(r.usage.completion_tokens for r in replies)

@@ -47,20 +47,21 @@ def engine_kwargs(config: TeacherSettings) -> dict[str, Any]:
     return {**base, **config.engine_args}
 
 
-def sampling_kwargs(params: SamplingParams, sample_offset: int = 0, json_field: JsonField | None = None) -> dict[str, Any]:
+def sampling_kwargs(request: ChatRequest, json_field: JsonField | None = None) -> dict[str, Any]:
     """Keyword arguments for `vllm.SamplingParams` that produce samples `sample_offset`… of a request.
 
     vLLM's parallel sampling seeds child i with `seed + i`, the same rule as
-    `SamplingParams.sample_seed`, so passing the seed of the first sample wanted
+    `ChatRequest.sample_seed`, so passing the seed of the first sample wanted
     reproduces every later one, on resume too.
     """
+    params = request.params
     kwargs: dict[str, Any] = {
         "n": params.n,
         "temperature": params.temperature,
         "top_p": params.top_p,
         "max_tokens": params.max_tokens,
     }
-    seed = params.sample_seed(sample_offset)
+    seed = request.sample_seed(request.sample_offset)
     if seed is not None:
         kwargs["seed"] = seed
     if params.stop:
@@ -185,7 +186,7 @@ class VLLMTeacher(Teacher):
         jobs: list[tuple[int, list[dict[str, str]], Any]] = []
         for i, req in enumerate(requests):
             try:
-                sp = self._sampling_cls(**sampling_kwargs(req.params, req.sample_offset, self._json_field))
+                sp = self._sampling_cls(**sampling_kwargs(req, self._json_field))
             except TeacherError as exc:
                 results[i] = exc
             except Exception as exc:
