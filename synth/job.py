@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from synth.teachers.cache import ResponseCache
 from synth.errors import DistillError
-from synth.generators.base import Generator
+from synth.generators.base import Generator, ReasoningMode
 from synth.io import read_jsonl
 from synth.journal import JournalError, TaskJournal
 from synth.layout import check_output, rejects_path
@@ -55,6 +55,8 @@ class JobSummary:
     seconds: float
     teacher_errors: int = 0
     duplicates: int = 0
+    #: Of completion_tokens, those a reasoning model spent thinking.
+    reasoning_tokens: int = 0
 
 
 def open_cache(cache_dir: str | Path | None, mode: CacheMode) -> ResponseCache:
@@ -110,6 +112,8 @@ class RunSettings:
     progress: bool = True
     #: Discard the journal an earlier run left (cached answers are still used).
     restart: bool = False
+    #: What SFT records do with a reasoning teacher's thinking (see synth.generators.base.ReasoningMode).
+    reasoning: ReasoningMode = "keep"
 
 
 #: A job's inputs: a JSON Lines file (validated against the generator's input model), or a
@@ -140,6 +144,7 @@ def run_job(
     if owned:
         teacher = build_teacher(teacher)
     generator = make_generator(teacher)
+    generator.reasoning = settings.reasoning
 
     def items() -> Iterator[tuple[str, BaseModel]]:
         if isinstance(source, (str, Path)):
@@ -150,7 +155,7 @@ def run_job(
 
     # A bad line, or a template that does not fit one, fails the job before any teacher call or output.
     # The job is what it asks of whom: every task's id and request, then the teacher (below).
-    total, job = 0, hashlib.sha256(type(generator).__qualname__.encode())
+    total, job = 0, hashlib.sha256(f"{type(generator).__qualname__}:{settings.reasoning}".encode())
     for where, item in items():
         task = generator.make_task(item, where)
         job.update(task.id.encode() + task.request.model_dump_json().encode())
@@ -173,7 +178,7 @@ def run_job(
                 with _stop_on_signals(runner):
                     async with ProgressLine(label, cached, counts, enabled=settings.progress, prices=prices):
                         tasks = (generator.make_task(item, where) for where, item in items())
-                        await runner.run(tasks, generator.parse)
+                        await runner.run(tasks, generator.outcome)
             finally:
                 if owned:
                     await cached.aclose()
@@ -215,6 +220,7 @@ def run_job(
         retries=s.retries - stats_before.retries,
         prompt_tokens=s.prompt_tokens - stats_before.prompt_tokens,
         completion_tokens=s.completion_tokens - stats_before.completion_tokens,
+        reasoning_tokens=s.reasoning_tokens - stats_before.reasoning_tokens,
         seconds=time.monotonic() - started,
         teacher_errors=counts.failed,
         duplicates=counts.duplicates,

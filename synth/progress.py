@@ -49,7 +49,7 @@ class ProgressLine:
         parts = [
             f"{self.label} {c.done + c.skipped + c.duplicates}{total} tasks",
             f"{s.requests_sent / elapsed:.1f} req/s",
-            f"{s.prompt_tokens + s.completion_tokens:,} tok",
+            f"{s.prompt_tokens + s.completion_tokens:,} tok" + (f" ({s.reasoning_tokens:,} reasoning)" if s.reasoning_tokens else ""),
             f"cached {self.teacher.cache_stats.hits}",
             f"retries {s.retries}",
             f"records {c.records}",

@@ -90,6 +90,9 @@ class SFTExample(_Record):
     prompt: Text | None = None
     completion: Text | None = None
     soft_labels: SoftLabels | None = None
+    reasoning: str | None = Field(
+        None, description="A reasoning teacher's chain of thought before its answer (not trained on; see --reasoning inline)."
+    )
 
     @model_validator(mode="after")
     def _one_shape(self) -> "SFTExample":

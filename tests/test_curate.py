@@ -239,8 +239,8 @@ def test_answer_generator_writes_trl_prompt_completion_and_rejects_truncated_or_
     (rec,) = out.records
     assert rec.to_trl() == {"prompt": [{"role": "user", "content": "1+1 等于几？"}], "completion": [{"role": "assistant", "content": "等于 2。"}]}
     assert rec.meta["difficulty"] == "简单" and rec.provenance.method == "curate"
-    assert gen.parse(task, task.request, _response("  "), final=False).resample == 1
-    assert gen.parse(task, task.request, _response("  "), final=True).rejects[0].reason.endswith("empty answer")
+    assert gen.outcome(task, task.request, _response("  "), final=False).resample == 1
+    assert gen.outcome(task, task.request, _response("  "), final=True).rejects[0].reason.endswith("empty answer")
     cut = gen.parse(task, task.request, _response("首先", finish="length"), final=False)
     assert not cut.records and "truncated answer" in cut.rejects[0].reason
     teacher_form = QuestionAnswerGenerator(SamplingParams(max_tokens=64), "test:t", load_template("curate/answer", "zh"), prompt_form="teacher")

@@ -58,7 +58,9 @@ def test_both_answer_stages_share_one_loop_and_keep_their_reasons():
     c_task = curate.make_task(QuestionInput(question="What is 2+2?", meta={"cell": "c"}), "q:1")
     e_task = expand.make_task(AnswerInput(id="i1", instruction="Name three rivers in Europe."), "i:1")
     for gen, task in ((curate, c_task), (expand, e_task)):
-        assert gen.parse(task, task.request, _response("  "), final=False).resample == 1, "an empty answer is asked again"
+        assert gen.outcome(task, task.request, _response("  "), final=False).resample == 1, "an empty answer is asked again"
+        empty = gen.outcome(task, task.request, _response("  "), final=True)
+        assert not empty.records and empty.rejects[0].reason == "sample 0: empty answer", "once, then a reject"
         assert not gen.parse(task, task.request, _response("The Danube, the Rhine", "length"), final=False).records
     c_cut = curate.parse(c_task, c_task.request, _response("Four", "length"), final=False).rejects[0].reason
     e_cut = expand.parse(e_task, e_task.request, _response("Danube", "length"), final=False).rejects[0].reason

@@ -26,6 +26,11 @@ def make_teacher(server, **overrides) -> OpenAITeacher:
     return OpenAITeacher(TeacherSettings(**cfg))
 
 
+def seed_of(content: str, index: int = 0, **params) -> int | None:
+    """The seed sample `index` of a one-message request is sent with."""
+    return ChatRequest(messages=[{"role": "user", "content": content}], params=SamplingParams(**params)).sample_seed(index)
+
+
 def ask(teacher: OpenAITeacher, *contents: str, **params):
     """Run one generate call over fresh requests; returns the results list."""
     reqs = [ChatRequest(messages=[{"role": "user", "content": c}], params=SamplingParams(**params)) for c in contents]
@@ -43,7 +48,7 @@ def test_429_waits_at_least_retry_after(fault_server):
     fault_server.retry_after = 0.4
     teacher = make_teacher(fault_server)
     [res] = ask(teacher, "hello !fault=429*1", seed=1)
-    assert res.completions[0].text == "echo: hello !fault=429*1 #1"
+    assert res.completions[0].text == f"echo: hello !fault=429*1 #{seed_of('hello !fault=429*1', seed=1)}"
     t = fault_server.arrival_times
     assert len(t) == 2 and t[1] - t[0] >= 0.4  # backoff_max is 0.05: only Retry-After explains the wait
     assert teacher.stats.retries == 1 and teacher.stats.requests_ok == 1
@@ -103,21 +108,21 @@ def test_n_fallback_asks_again_with_seeds(fault_server):
     fault_server.honor_n = False
     teacher = make_teacher(fault_server)
     [res] = ask(teacher, "q", n=3, seed=10)
-    assert [c.text for c in res.completions] == ["echo: q #10", "echo: q #11", "echo: q #12"]
+    assert [c.text for c in res.completions] == [f"echo: q #{seed_of('q', i, n=3, seed=10)}" for i in range(3)]
     assert teacher.n_supported is False and any("n=3" in note for note in teacher.notes)
     assert fault_server.received == 3 and res.cached == [False] * 3
     assert res.usage.completion_tokens == 9
     # Once learned, every sample is asked for separately: still 3 requests, no wasted n=3.
     fault_server.reset()
     [res] = ask(teacher, "r", n=3, seed=0)
-    assert [c.text for c in res.completions] == ["echo: r #0", "echo: r #1", "echo: r #2"]
+    assert [c.text for c in res.completions] == [f"echo: r #{seed_of('r', i, n=3, seed=0)}" for i in range(3)]
     assert fault_server.received == 3 and all("n" not in b for b in fault_server.bodies)
 
 
 def test_n_honoured_in_one_request(fault_server):
     teacher = make_teacher(fault_server)
     [res] = ask(teacher, "q", n=2, seed=3, logprobs=2)
-    assert [c.text for c in res.completions] == ["echo: q #3", "echo: q #4"]
+    assert [c.text for c in res.completions] == [f"echo: q #{seed_of('q', i, n=2, seed=3, logprobs=2)}" for i in range(2)]
     assert fault_server.received == 1 and teacher.n_supported is True
     lp = res.completions[0].logprobs
     assert lp[0].token == "echo:" and len(lp[0].top) == 2 and lp[0].id is None
@@ -130,7 +135,7 @@ def test_json_schema_refusal_falls_back_without_retrying(fault_server):
     [res] = ask(teacher, "j", json_schema=schema)
     assert fault_server.received == 2 and teacher.stats.retries == 0
     assert [b["response_format"]["type"] for b in fault_server.bodies] == ["json_schema", "json_object"]
-    assert teacher.json_mode == "json_object" and any("json_schema refused" in n for n in teacher.notes)
+    assert teacher.json_mode_for(schema) == "json_object" and any("json_schema refused" in n for n in teacher.notes)
     assert res.completions[0].text.startswith("{")
 
 
@@ -145,7 +150,7 @@ def test_prompting_is_the_last_fallback(fault_server):
         return await teacher.generate(reqs)
 
     results = asyncio.run(go())
-    assert all(r.completions for r in results) and teacher.json_mode == "prompt"
+    assert all(r.completions for r in results) and teacher.json_mode_for(schema) == "prompt"
     # One request probed (3 tries); the two that waited for it went straight to prompting.
     kinds = [(b.get("response_format") or {}).get("type") for b in fault_server.bodies]
     assert kinds == ["json_schema", "json_object", None, None, None]

@@ -21,11 +21,11 @@ from synth.teachers import SamplingParams, TeacherSettings, TeacherOverrides, pa
 TEACHER_OVERRIDES = ("concurrency", "batch_size", "timeout", "max_retries", "api_key_env")
 
 #: The response-cache flags as recipe keys (`no_cache: true` is `--no-cache`; `cache_mode` is the flags' dest).
-CACHE_KEYS = frozenset({"cache_dir", "no_cache", "refresh", "cache_mode", "restart", "quiet"})
+CACHE_KEYS = frozenset({"cache_dir", "no_cache", "refresh", "cache_mode", "restart", "quiet", "reasoning"})
 #: What every command that asks a teacher takes besides its own settings: its teacher, their overrides, the cache.
 TEACHER_KEYS = frozenset({"teacher", *TEACHER_OVERRIDES})
 #: Keys that are a bare flag: `--quiet` when true, nothing when false.
-SWITCHES = frozenset({"no_cache", "refresh", "restart", "quiet", "overwrite"})
+SWITCHES = frozenset({"no_cache", "refresh", "restart", "quiet", "overwrite", "keep_truncated"})
 
 
 @dataclass(frozen=True)
@@ -128,13 +128,22 @@ def add_cache_flags(parser: argparse.ArgumentParser) -> None:
                    help="discard what an interrupted run left (OUT.partial, and the stage journals in OUT.work/) "
                    "and start over; cached responses are still used, so answers already received cost nothing")
     g.add_argument("--quiet", action="store_true", help="no progress line")
+    g.add_argument("--reasoning", choices=["keep", "drop", "inline"], default="keep",
+                   help="a reasoning teacher's thinking: keep it in each record's 'reasoning' field (default; the answer alone is "
+                   "trained on), drop it, or inline it as <think>...</think> before the answer, so a student learns to reason")
     parser.set_defaults(cache_mode="use")
 
 
 def run_settings(values: dict) -> RunSettings:
     """Cache, progress and restart settings from the cache flags (`no_cache: true` in a recipe is `--no-cache`)."""
     mode = values.get("cache_mode") or ("off" if values.get("no_cache") else "refresh" if values.get("refresh") else "use")
-    return RunSettings(cache_dir=values.get("cache_dir"), cache_mode=mode, progress=not values.get("quiet"), restart=bool(values.get("restart")))
+    try:
+        return RunSettings(
+            cache_dir=values.get("cache_dir"), cache_mode=mode, progress=not values.get("quiet"), restart=bool(values.get("restart")),
+            reasoning=values.get("reasoning") or "keep",
+        )
+    except ValidationError as exc:  # a recipe's `reasoning: maybe`
+        raise ConfigError(describe_errors(exc, {"reasoning"})) from None
 
 
 def _named_files(values: dict) -> list[Path]:
@@ -162,7 +171,7 @@ def add_sampling_flags(parser: argparse.ArgumentParser, **defaults) -> None:
     g.add_argument("--temperature", type=checked("temperature"), default=base.temperature, help=f"0 is greedy (default {base.temperature})")
     g.add_argument("--top-p", type=checked("top_p"), default=base.top_p, help=f"nucleus sampling (default {base.top_p})")
     g.add_argument("--max-tokens", type=checked("max_tokens"), default=base.max_tokens, help=f"longest answer (default {base.max_tokens})")
-    g.add_argument("--seed", type=int, default=base.seed, help="base seed; sample i uses seed+i")
+    g.add_argument("--seed", type=int, default=base.seed, help="base seed; each prompt's samples get their own seeds from it and the prompt")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--logprobs", type=checked("logprobs"), metavar="K", help="store the teacher's top-K logprobs per token (soft labels)")
     g.add_argument("--json-schema", type=Path, metavar="FILE", help="ask for JSON matching this JSON Schema file; invalid answers are resampled once, then rejected")
@@ -199,10 +208,14 @@ def print_summary(s: JobSummary) -> None:
         resumed += f", {s.duplicates} duplicate input{plural} (the same task as an earlier line) done once"
     print(
         f"teacher: {s.requests_sent} requests sent, {s.cache_hits} samples from cache, {s.retries} retries, "
-        f"{s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion tokens in {s.seconds:.1f} s{resumed}"
+        f"{s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion tokens{_reasoning_part(s)} in {s.seconds:.1f} s{resumed}"
     )
     if s.teacher_errors:
         print(f"warning: {s.teacher_errors} inputs failed at the teacher (see the rejects); rerun the same command to retry them")
+
+
+def _reasoning_part(s: JobSummary) -> str:
+    return f" ({s.reasoning_tokens:,} of them reasoning)" if s.reasoning_tokens else ""
 
 
 def print_stages(result: StagedResult) -> None:

@@ -50,6 +50,7 @@ class GenerateSettings(BaseModel):
     teacher_overrides: TeacherOverrides = TeacherOverrides()
     sampling: SamplingParams = SamplingParams()
     json_schema: Path | None = None
+    keep_truncated: bool = False
     run: RunSettings = Field(default_factory=RunSettings)
 
 
@@ -70,6 +71,8 @@ def register(sub) -> None:
     p.add_argument("--limit", type=limit_type, help="only the first N inputs")
     add_teacher_flags(p)
     add_sampling_flags(p)
+    p.add_argument("--keep-truncated", action="store_true",
+                   help="keep answers cut off at --max-tokens as records (default: they are rejects, named as truncated)")
     add_cache_flags(p)
     p.set_defaults(func=run)
 
@@ -103,7 +106,8 @@ def execute(settings: GenerateSettings) -> int:
     template = load_template(settings.template, settings.lang) if settings.template else None
 
     def make(teacher):
-        return RawGenerator(params, teacher.spec, template=template, system=settings.system, tokenizer=teacher.tokenizer_name)
+        return RawGenerator(params, teacher.spec, template=template, system=settings.system, tokenizer=teacher.tokenizer_name,
+                            keep_truncated=settings.keep_truncated)  # fmt: skip
 
     teacher = teacher_config(settings.teacher, settings.teacher_overrides)
     check_job_output(settings.output, dict(settings))
@@ -115,7 +119,7 @@ def execute(settings: GenerateSettings) -> int:
 #: `distill generate` as a recipe stage.
 RUNNABLE = {
     "generate": Runnable(
-        frozenset({"input", "output", "template", "lang", "system", "limit", "json_schema", *SAMPLING_KEYS}) | TEACHER_KEYS | CACHE_KEYS,
+        frozenset({"input", "output", "template", "lang", "system", "limit", "json_schema", "keep_truncated", *SAMPLING_KEYS}) | TEACHER_KEYS | CACHE_KEYS,
         settings_from, execute, repeated=frozenset({"stop"}),
     )
 }

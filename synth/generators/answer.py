@@ -21,6 +21,7 @@ class AnswerGenerator(Generator):
     """Answers one prompt; a bad answer is rejected, an empty one resampled once first."""
 
     emits = "sft"
+    resample_empty = True
 
     def __init__(self, params, teacher_name, template, *, tokenizer: str | None = None):
         super().__init__(params, teacher_name, template)
@@ -45,8 +46,7 @@ class AnswerGenerator(Generator):
     def parse(self, task: Task, request: ChatRequest, response: ChatResponse, final: bool) -> Outcome:
         """One SFT example per good answer."""
         out = Outcome()
-        for i, completion in enumerate(response.completions):
-            sample = request.sample_offset + i
+        for sample, completion in self.answers(request, response):
             problem = self.problem(completion)
             if problem is not None:
                 # Only an empty answer is worth asking again; a truncated, refused or short one would likely repeat.
@@ -59,6 +59,7 @@ class AnswerGenerator(Generator):
                     # Unstripped, so it stays aligned with the soft labels' tokens.
                     completion=[Message(role="assistant", content=completion.text)],
                     soft_labels=soft_labels_of(completion, self.tokenizer),
+                    reasoning=completion.reasoning,
                     meta=self.meta(task.input, completion),
                     provenance=self.provenance(task, sample),
                 )

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Iterator, Literal
 
 from pydantic import AfterValidator, BaseModel
 
-from synth.records import Message, Provenance, Reject, stable_id
-from synth.teachers.base import ChatRequest, ChatResponse, SamplingParams
+from synth.records import Message, Provenance, Reject, SFTExample, stable_id
+from synth.teachers.base import ChatRequest, ChatResponse, Completion, SamplingParams
+from synth.teachers.reasoning import inline
+
+#: What a record does with a reasoning teacher's thinking: keep it in its own field, drop it, or
+#: write it into the answer as `<think>…</think>` (R1-distill style, so a student learns to reason).
+ReasoningMode = Literal["keep", "drop", "inline"]
 
 
 def _has_text(value: str) -> str:
@@ -73,6 +78,10 @@ class Generator(abc.ABC):
     input_model: type[BaseModel]
     #: The `kind` of the records `parse` makes: records.py's "sft", "preference" or "critique", or a stage record's own.
     emits: str
+    #: What SFT records do with the teacher's reasoning; the job sets it from --reasoning.
+    reasoning: ReasoningMode = "keep"
+    #: Ask once more in place of an empty answer (methods that vote over a fixed set of samples do not).
+    resample_empty: bool = False
 
     def __init__(self, params: SamplingParams, teacher_name: str, template=None):
         self.params = params
@@ -88,7 +97,34 @@ class Generator(abc.ABC):
 
     @abc.abstractmethod
     def parse(self, task: Task, request: ChatRequest, response: ChatResponse, final: bool) -> Outcome:
-        """Turn a response into records; when not `final`, may ask for fresh samples instead of unparsable ones."""
+        """Turn a response's answers (see `answers`) into records; when not `final`, may ask for fresh samples instead of unparsable ones."""
+
+    def answers(self, request: ChatRequest, response: ChatResponse) -> Iterator[tuple[int, Completion]]:
+        """(sample index, completion) of each completion that is an answer: what `parse` reads."""
+        for i, completion in enumerate(response.completions):
+            if completion.not_an_answer() is None:
+                yield request.sample_offset + i, completion
+
+    def outcome(self, task: Task, request: ChatRequest, response: ChatResponse, final: bool) -> Outcome:
+        """What a response became: a reject for each sample that is no answer (refused, filtered, empty), `parse` for the rest.
+
+        A refusal is kept as a reject with its text and is not asked again in this run (it is cached
+        as what it is: `--refresh` asks again); an empty answer is, once, where the method allows it.
+        """
+        out = Outcome()
+        for i, completion in enumerate(response.completions):
+            why = completion.not_an_answer()
+            if why is None:
+                continue
+            sample = request.sample_offset + i
+            raw = [text for text in (completion.refusal, completion.text, completion.reasoning) if text]
+            reject = Reject(task=task.id, reason=f"sample {sample}: {why}", input=_dump(task.input), raw=raw)
+            out.bad_sample(reject, retry=self.resample_empty and not final and why.startswith("empty"))
+        parsed = self.parse(task, request, response, final)
+        out.records = [with_reasoning(r, self.reasoning) for r in parsed.records]
+        out.rejects += parsed.rejects
+        out.resample += parsed.resample
+        return out
 
     def task_id(self, item: BaseModel) -> str:
         """Stable hash of (input, method, template, parameters)."""
@@ -110,3 +146,25 @@ class Generator(abc.ABC):
             task=task.id,
             sample=sample,
         )
+
+
+def with_reasoning(record: BaseModel, mode: ReasoningMode) -> BaseModel:
+    """An SFT record as `mode` wants its reasoning: kept in its field, dropped, or inlined into the answer."""
+    if not isinstance(record, SFTExample) or record.reasoning is None or mode == "keep":
+        return record
+    if mode == "drop":
+        return record.model_copy(update={"reasoning": None})
+    update: dict[str, Any] = {"reasoning": None, "soft_labels": None}  # the teacher's logprobs cover the answer alone
+    if record.messages is not None:
+        *head, last = record.messages
+        update["messages"] = [*head, last.model_copy(update={"content": inline(record.reasoning, last.content)})]
+    elif isinstance(record.completion, str):
+        update["completion"] = inline(record.reasoning, record.completion)
+    else:
+        *head, last = record.completion
+        update["completion"] = [*head, last.model_copy(update={"content": inline(record.reasoning, last.content)})]
+    return record.model_copy(update=update)
+
+
+def _dump(value: Any) -> Any:
+    return value.model_dump(mode="json", exclude_none=True) if hasattr(value, "model_dump") else value

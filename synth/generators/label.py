@@ -109,6 +109,7 @@ class LabelSample(BaseModel):
     sample: int
     prompt: list[Message]
     text: str
+    reasoning: str | None = None
     finish_reason: str | None = None
     answer: str | None = None
     reference: str | None = None
@@ -199,10 +200,8 @@ class LabelGenerator(Generator):
     def samples(self, task: Task, request: ChatRequest, response: ChatResponse) -> list[LabelSample]:
         """Each completion of a response as a LabelSample with its answer extracted."""
         reference = self.reference_of(task.input)
-        return [
-            self.sample_of(task, request.sample_offset + i, completion, request.messages, reference)
-            for i, completion in enumerate(response.completions)
-        ]
+        # Only answers are voted on: a refusal or an empty sample is a reject before this (Generator.outcome).
+        return [self.sample_of(task, sample, completion, request.messages, reference) for sample, completion in self.answers(request, response)]
 
     def sample_of(self, task: Task, index: int, completion: Completion, prompt: list[Message], reference: str | None) -> LabelSample:
         """One completion as a LabelSample."""
@@ -214,7 +213,9 @@ class LabelGenerator(Generator):
             sample=index,
             prompt=list(prompt),
             text=completion.text,
+            reasoning=completion.reasoning,
             finish_reason=completion.finish_reason,
+            # Read from the answer alone: a reasoning teacher tries answers out while thinking.
             answer=extract_answer(completion.text, number_fallback=fallback),
             reference=reference,
             soft_labels=soft_labels_of(completion, self.tokenizer),
@@ -309,6 +310,7 @@ def _record(s: LabelSample, meta: dict[str, Any]) -> SFTExample:
         prompt=s.prompt,
         completion=[Message(role="assistant", content=s.text)],
         soft_labels=s.soft_labels,
+        reasoning=s.reasoning,
         meta=meta,
         provenance=s.provenance,
     )

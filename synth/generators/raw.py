@@ -59,10 +59,12 @@ class RawGenerator(Generator):
     method = "generate"
     emits = "sft"
 
-    def __init__(self, params, teacher_name, template=None, system: str | None = None, tokenizer: str | None = None):
+    def __init__(self, params, teacher_name, template=None, system: str | None = None, tokenizer: str | None = None,
+                 keep_truncated: bool = False):  # fmt: skip
         super().__init__(params, teacher_name, template)
         self.system = system
         self.tokenizer = tokenizer
+        self.keep_truncated = keep_truncated
         self.input_model = TemplateInput if template is not None else PromptInput
 
     def messages(self, item: BaseModel, where: str) -> list[Message]:
@@ -79,11 +81,15 @@ class RawGenerator(Generator):
         return chat
 
     def parse(self, task: Task, request: ChatRequest, response: ChatResponse, final: bool) -> Outcome:
-        """Each sample becomes a record; with a JSON schema, invalid samples are resampled once, then rejected."""
+        """Each answer becomes a record; one cut at max_tokens is rejected (unless keep_truncated); with a JSON
+        schema, invalid samples are resampled once, then rejected."""
         out = Outcome()
         schema = request.params.json_schema
-        for i, completion in enumerate(response.completions):
-            sample = request.sample_offset + i
+        for sample, completion in self.answers(request, response):
+            if completion.finish_reason == "length" and not self.keep_truncated:
+                why = f"sample {sample}: truncated: the answer hit max_tokens ({request.params.max_tokens}); raise --max-tokens, or --keep-truncated"
+                out.rejects.append(Reject(task=task.id, reason=why, input=_input_of(task), raw=[completion.text]))
+                continue
             if schema is not None:
                 problem = _schema_problem(completion.text, schema)
                 if problem:
@@ -94,6 +100,7 @@ class RawGenerator(Generator):
                     id=stable_id(task.id, sample),
                     messages=[*request.messages, Message(role="assistant", content=completion.text)],
                     soft_labels=soft_labels_of(completion, self.tokenizer),
+                    reasoning=completion.reasoning,
                     meta={"finish_reason": completion.finish_reason, "input": _input_of(task)},
                     provenance=self.provenance(task, sample),
                 )

@@ -135,14 +135,14 @@ def _refine(stages: Stages, settings: SelfSettings, templates, prompted: list[Pr
         if p.key in bests
     }
     items = [(p.where, item) for p, item in best.values()]
-    rows = stages.run("self-critique", lambda t: RawGenerator(params, t.spec, template=templates["critique"]), items, student)
+    rows = stages.run("self-critique", lambda t: RawGenerator(params, t.spec, template=templates["critique"], keep_truncated=True), items, student)
     critiques = {r["meta"]["input"]["key"]: r["messages"][-1]["content"] for r in rows}
     items = [
         (p.where, TemplateInput(**item.model_dump(), critique=critiques[key]))
         for key, (p, item) in best.items()
         if key in critiques
     ]
-    rows = stages.run("self-refine", lambda t: RawGenerator(params, t.spec, template=templates["refine"]), items, student)
+    rows = stages.run("self-refine", lambda t: RawGenerator(params, t.spec, template=templates["refine"], keep_truncated=True), items, student)
     return {
         r["meta"]["input"]["key"]: {"critique": r["meta"]["input"]["critique"], "refined": r["messages"][-1]["content"], "finish_reason": r["meta"].get("finish_reason")}
         for r in rows

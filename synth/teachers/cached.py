@@ -112,6 +112,7 @@ class CachedTeacher(Teacher):
             usage = Usage(
                 prompt_tokens=prompt_tokens,
                 completion_tokens=sum(c.completion_tokens for c in completions),
+                reasoning_tokens=sum(c.reasoning_tokens for c in completions),
             )
             out.append(ChatResponse(completions=completions, usage=usage, model=self.model, cached=cached))
         return out

@@ -32,10 +32,22 @@ class TeacherSettings(BaseModel):
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key.")
     concurrency: int | None = Field(None, ge=1, description="Requests in flight at once (default: 64 openai, 1 local).")
     batch_size: int | None = Field(None, ge=1, description="Local backends: samples per forward batch for transformers (default 16), requests per engine call for vllm (default 256).")
-    timeout: float = Field(120.0, gt=0, description="openai: seconds before a request is abandoned and retried.")
+    timeout: float = Field(
+        600.0, gt=0,
+        description="openai: seconds before a request is abandoned and retried. Reasoning models think for minutes, and an "
+        "answer our own timeout kills is paid for and thrown away, so this is long.",
+    )
     max_retries: int = Field(6, ge=0, description="openai: retries of a transient failure (429, 5xx, timeout, dropped connection).")
     backoff_base: float = Field(0.5, ge=0, description="openai: first retry delay in seconds, doubled each retry, with jitter.")
     backoff_max: float = Field(30.0, ge=0, description="openai: longest delay between retries (Retry-After may ask for more).")
+    reasoning_model: bool = Field(
+        False,
+        description="openai: an OpenAI reasoning model (o-series, gpt-5 family): send max_completion_tokens, and no "
+        "temperature/top_p (they refuse both). Left false, the first 400 that names such a parameter switches it on.",
+    )
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = Field(
+        None, description="openai: reasoning_effort sent with every request (reasoning models); unset, the server's default."
+    )
     structured_output: Literal["auto", "json_schema", "json_object", "prompt"] = Field(
         "auto", description="openai: how to ask for JSON; auto tries json_schema, then json_object, then prompting."
     )

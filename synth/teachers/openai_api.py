@@ -9,8 +9,10 @@ worked and noting it in `self.notes`.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
+import sys
 import time
 from typing import Any, Sequence
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
@@ -35,11 +37,15 @@ from synth.teachers.base import (
     Usage,
 )
 from synth.teachers.config import TeacherSettings
+from synth.teachers.reasoning import answer_logprobs, split_reasoning
 from synth.teachers.retry import RetryPolicy, call_with_retries, error_for_status
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 JSON_MODES = ("json_schema", "json_object", "prompt")
 _FORMAT_WORDS = ("response_format", "json_schema", "json_object", "grammar", "guided")
+#: What a reasoning model refuses, and what we send instead: OpenAI answers a 400 whose `param` names it.
+_REASONING_PARAMS = ("max_tokens", "temperature", "top_p")
+_CONTEXT_WORDS = ("context_length_exceeded", "maximum context length", "context length", "context window", "too many tokens")
 
 
 class _FormatRefused(PermanentTeacherError):
@@ -115,17 +121,50 @@ def _server_message(exc: openai.APIStatusError) -> str:
     return redact(" ".join(text.split())[:500])
 
 
+def _error_fields(exc: openai.APIStatusError) -> tuple[str, str]:
+    """The `param` and `code` of an OpenAI-style error body ('' where absent)."""
+    body = exc.body if isinstance(exc.body, dict) else {}
+    return str(body.get("param") or ""), str(body.get("code") or "")
+
+
 def _is_format_refusal(exc: openai.APIStatusError) -> bool:
     """Whether an error answering a request that carried a response_format is about that format.
 
-    400/415/422 count even without saying so: if the request was bad for another
-    reason, the plain-prompt fallback fails too and no mode is remembered. A 5xx
-    counts only if it names the format (llama.cpp answers a 500 naming it).
+    Only an error that names it counts (its `param`, or its message: llama.cpp answers a 500
+    naming it): a context-length 400 or any other bad request is not a reason to fall back, and
+    would otherwise cost a request per mode and leave a worse mode learned.
     """
-    if exc.status_code in (400, 415, 422):
-        return True
-    text = _server_message(exc).lower()
-    return exc.status_code not in (408, 429) and any(w in text for w in _FORMAT_WORDS)
+    if exc.status_code in (408, 429) or _is_context_overflow(exc):
+        return False
+    param, _ = _error_fields(exc)
+    text = (param + " " + _server_message(exc)).lower()
+    return any(w in text for w in _FORMAT_WORDS)
+
+
+def _is_context_overflow(exc: openai.APIStatusError) -> bool:
+    """A 400 saying the prompt (plus max_tokens) does not fit the model's context: the same request always fails."""
+    _, code = _error_fields(exc)
+    text = (code + " " + _server_message(exc)).lower()
+    return exc.status_code in (400, 413, 422) and any(w in text for w in _CONTEXT_WORDS)
+
+
+def _refused_parameter(exc: openai.APIStatusError) -> str | None:
+    """The sampling parameter a reasoning model refused (OpenAI's 400 `unsupported_parameter`/`unsupported_value`), if that is the error."""
+    if exc.status_code != 400:
+        return None
+    param, code = _error_fields(exc)
+    if param in _REASONING_PARAMS and code in ("unsupported_parameter", "unsupported_value"):
+        return param
+    text = _server_message(exc)
+    # Proxies that keep only the message: "Unsupported parameter: 'max_tokens' is not supported with this model."
+    for name in _REASONING_PARAMS:
+        if f"'{name}'" in text and "nsupported" in text:
+            return name
+    return None
+
+
+def _schema_key(schema: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(schema, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _schema_instruction(schema: dict[str, Any]) -> str:
@@ -146,6 +185,10 @@ class OpenAITeacher(Teacher):
         self.base_url = normalize_base_url(self._url)
         self.policy = RetryPolicy(config.max_retries, config.backoff_base, config.backoff_max)
         self.json_mode: str | None = None if config.structured_output == "auto" else config.structured_output
+        #: The JSON mode learned for each schema (auto): a server may refuse one schema in strict mode and not another.
+        self.json_modes: dict[str, str] = {}
+        #: Sampling parameters this model refuses, sent otherwise or left out (see _build).
+        self.refused: set[str] = set(_REASONING_PARAMS) if config.reasoning_model else set()
         self.n_supported: bool | None = None
         self.notes: list[str] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -156,7 +199,10 @@ class OpenAITeacher(Teacher):
 
     def cache_identity(self) -> dict[str, Any]:
         """Backend, model and the credential-free base URL: another server may answer differently."""
-        return {"backend": self.backend, "model": self.model, "base_url": self.base_url}
+        identity = {"backend": self.backend, "model": self.model, "base_url": self.base_url}
+        if self.config.reasoning_effort is not None:
+            identity["reasoning_effort"] = self.config.reasoning_effort  # more thinking, other answers
+        return identity
 
     @property
     def spec(self) -> str:
@@ -177,9 +223,12 @@ class OpenAITeacher(Teacher):
             self._probe_lock = asyncio.Lock()
         return self._client
 
-    def _note(self, text: str) -> None:
+    def _note(self, text: str, say: bool = True) -> None:
+        """Remember what the server made us do; said once on stderr, since it changes what a job sends."""
         if text not in self.notes:
             self.notes.append(text)
+            if say:
+                print(f"teacher {self.spec}: {text}", file=sys.stderr, flush=True)
 
     async def generate(self, requests: Sequence[ChatRequest]) -> list[ChatResponse | TeacherError]:
         """Complete each request concurrently; failures come back in the list, not raised."""
@@ -213,21 +262,32 @@ class OpenAITeacher(Teacher):
                 replies += await _gather_or_raise(self._request(req, 1, req.sample_seed(off + i)) for i in range(got, want))
         completions = [c for r in replies for c in r.completions][:want]
         usage = Usage(
-            prompt_tokens=sum(r.usage.prompt_tokens for r in replies), completion_tokens=sum(r.usage.completion_tokens for r in replies)
+            prompt_tokens=sum(r.usage.prompt_tokens for r in replies),
+            completion_tokens=sum(r.usage.completion_tokens for r in replies),
+            reasoning_tokens=sum(r.usage.reasoning_tokens for r in replies),
         )
         return ChatResponse(completions=completions, usage=usage, model=replies[0].model, cached=[False] * want)
 
     async def _request(self, req: ChatRequest, n: int, seed: int | None) -> ChatResponse:
         """One logical request (retried), choosing the JSON mode when a schema is asked for."""
-        if req.params.json_schema is not None and self.json_mode is None:
+        schema = req.params.json_schema
+        if schema is None:
+            return await self._retrying(req, n, seed, None)
+        if self.json_mode is not None:
+            return await self._retrying(req, n, seed, self.json_mode)
+        key = _schema_key(schema)
+        if key not in self.json_modes:
             async with self._probe_lock:
-                # Only one request discovers the mode; the rest wait and reuse it.
-                if self.json_mode is None:
+                # Only one request discovers a schema's mode; the rest wait and reuse it.
+                if key not in self.json_modes:
                     reply, mode = await self._probe_modes(req, n, seed)
-                    self.json_mode = mode
+                    self.json_modes[key] = mode
                     return reply
-        mode = self.json_mode if req.params.json_schema is not None else None
-        return await self._retrying(req, n, seed, mode)
+        return await self._retrying(req, n, seed, self.json_modes[key])
+
+    def json_mode_for(self, schema: dict[str, Any]) -> str | None:
+        """How a schema is asked for: the configured mode, else the one learned for it (None: not yet known)."""
+        return self.json_mode or self.json_modes.get(_schema_key(schema))
 
     async def _probe_modes(self, req: ChatRequest, n: int, seed: int | None) -> tuple[ChatResponse, str]:
         for i, mode in enumerate(JSON_MODES):
@@ -245,7 +305,25 @@ class OpenAITeacher(Teacher):
         return await call_with_retries(lambda: self._post(req, n, seed, mode), self.policy, self.stats)
 
     async def _post(self, req: ChatRequest, n: int, seed: int | None, mode: str | None) -> ChatResponse:
-        """Send one HTTP request and convert the answer; every failure becomes a TeacherError."""
+        """Send one HTTP request and convert the answer; every failure becomes a TeacherError.
+
+        A 400 naming a sampling parameter the model refuses (a reasoning model's max_tokens,
+        temperature, top_p) is learned and the request sent again without it, at most once per
+        parameter: the job goes on instead of ending in a file of permanent errors.
+        """
+        while True:
+            refused_before = set(self.refused)
+            try:
+                return await self._post_once(req, n, seed, mode)
+            except openai.APIStatusError as exc:
+                param = _refused_parameter(exc)
+                if param is None or param in refused_before:
+                    raise self._status_error(exc, mode) from None
+                if param not in self.refused:
+                    self.refused.add(param)
+                    self._note(f"the model refuses {param!r} ({_server_message(exc)[:120]}); {_REFUSAL_FIX[param]}")
+
+    async def _post_once(self, req: ChatRequest, n: int, seed: int | None, mode: str | None) -> ChatResponse:
         kwargs = self._build(req.messages, req.params, n, seed, mode)
         client = self._ensure_client()
         async with self._sem:
@@ -257,20 +335,34 @@ class OpenAITeacher(Teacher):
                 model = kwargs.pop("model")
                 raw = await client.chat.completions.with_raw_response.create(model=model, messages=[], extra_body=kwargs)
                 resp = json.loads(raw.content)
-            except openai.APIStatusError as exc:
-                if mode in ("json_schema", "json_object") and _is_format_refusal(exc):
-                    raise _FormatRefused(_server_message(exc), status=exc.status_code) from None
-                raise map_error(exc) from None
+            except openai.APIStatusError:
+                raise  # _post decides
             except (openai.OpenAIError, ValueError) as exc:
                 raise map_error(exc) from None
         reply = self._convert(resp, req.params)
         self.stats.prompt_tokens += reply.usage.prompt_tokens
         self.stats.completion_tokens += reply.usage.completion_tokens
+        self.stats.reasoning_tokens += reply.usage.reasoning_tokens
         return reply
+
+    def _status_error(self, exc: openai.APIStatusError, mode: str | None) -> TeacherError:
+        if mode in ("json_schema", "json_object") and _is_format_refusal(exc):
+            return _FormatRefused(_server_message(exc), status=exc.status_code)
+        if _is_context_overflow(exc):
+            return PermanentTeacherError("prompt too long for the model's context: " + _server_message(exc), status=exc.status_code)
+        return map_error(exc)
 
     def _build(self, messages: Sequence[Any], p: SamplingParams, n: int, seed: int | None, mode: str | None) -> dict:
         msgs = [m.model_dump() for m in messages]
-        kwargs: dict[str, Any] = dict(model=self.model, messages=msgs, temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens)
+        kwargs: dict[str, Any] = dict(model=self.model, messages=msgs)
+        # A reasoning model takes max_completion_tokens (thinking included) and only its default sampling.
+        kwargs["max_completion_tokens" if "max_tokens" in self.refused else "max_tokens"] = p.max_tokens
+        if "temperature" not in self.refused:
+            kwargs["temperature"] = p.temperature
+        if "top_p" not in self.refused:
+            kwargs["top_p"] = p.top_p
+        if self.config.reasoning_effort is not None:
+            kwargs["reasoning_effort"] = self.config.reasoning_effort
         if n > 1:
             kwargs["n"] = n
         if seed is not None:
@@ -306,18 +398,43 @@ class OpenAITeacher(Teacher):
             if not choices:
                 raise TransientTeacherError("response has no choices")
             u = resp.get("usage") or {}
-            usage = Usage(prompt_tokens=u.get("prompt_tokens") or 0, completion_tokens=u.get("completion_tokens") or 0)
-            out = []
-            for ch in sorted(choices, key=lambda c: c.get("index") or 0):
-                lps = self._logprobs(ch, p.logprobs)
-                # Usage is per request; with several choices and no logprobs to
-                # count, split it evenly rather than invent precision.
-                ntok = len(lps) if lps is not None else (usage.completion_tokens // len(choices))
-                text = ch["message"].get("content") or ""
-                out.append(Completion(text=text, finish_reason=ch.get("finish_reason"), completion_tokens=ntok, logprobs=lps))
+            details = u.get("completion_tokens_details") or {}
+            usage = Usage(
+                prompt_tokens=u.get("prompt_tokens") or 0,
+                completion_tokens=u.get("completion_tokens") or 0,
+                reasoning_tokens=details.get("reasoning_tokens") or 0,
+            )
+            out = [self._completion(ch, p, usage, len(choices)) for ch in sorted(choices, key=lambda c: c.get("index") or 0)]
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise TransientTeacherError(f"malformed response: {type(exc).__name__}") from None
         return ChatResponse(completions=out, usage=usage, model=resp.get("model") or self.model)
+
+    def _completion(self, ch: dict, p: SamplingParams, usage: Usage, choices: int) -> Completion:
+        """One choice: its answer, reasoning (a server's own field, or a `<think>` block in the text), refusal and logprobs."""
+        message = ch["message"]
+        text = message.get("content") or ""
+        lps = self._logprobs(ch, p.logprobs)
+        # DeepSeek, vLLM and llama.cpp name it reasoning_content; OpenRouter and others reasoning.
+        reasoning = message.get("reasoning_content") or message.get("reasoning")
+        reasoning = reasoning if isinstance(reasoning, str) and reasoning.strip() else None
+        if reasoning is None:
+            thought, answer, start = split_reasoning(text)
+            if thought is not None:  # a server without a reasoning parser: the thinking is in the text
+                reasoning, text = thought, answer
+                lps = answer_logprobs(lps, start) if lps is not None else None
+        # Usage is per request; with several choices and no logprobs to count (or logprobs
+        # that skip the reasoning), split it evenly rather than invent precision.
+        ntok = len(lps) if lps is not None and reasoning is None else usage.completion_tokens // choices
+        refusal = message.get("refusal")
+        return Completion(
+            text=text,
+            finish_reason=ch.get("finish_reason"),
+            completion_tokens=ntok,
+            logprobs=lps,
+            reasoning=reasoning,
+            reasoning_tokens=usage.reasoning_tokens // choices,
+            refusal=refusal if isinstance(refusal, str) and refusal.strip() else None,
+        )
 
     @staticmethod
     def _logprobs(choice: dict, k: int | None) -> list[TokenLogprob] | None:
@@ -352,8 +469,6 @@ class OpenAITeacher(Teacher):
             _, mode = await self._probe_modes(js_req, 1, None)
         finally:
             self.json_mode = saved
-        if self.config.structured_output == "auto":
-            self.json_mode = mode
         self.n_supported = n_ok
         return Capabilities(n=n_ok, logprobs=lp_ok, json_schema=mode, latency_s=round(latency, 4), notes=list(self.notes))
 
@@ -375,6 +490,14 @@ class OpenAITeacher(Teacher):
             except RuntimeError:
                 pass  # created under an event loop that is gone
             self._client = None
+
+
+#: What the backend does about each parameter a reasoning model refuses, as said on stderr.
+_REFUSAL_FIX = {
+    "max_tokens": "sending max_completion_tokens instead (set reasoning_model: true in the teacher file to skip this)",
+    "temperature": "leaving temperature out: samples use the model's default (set reasoning_model: true to skip this)",
+    "top_p": "leaving top_p out: samples use the model's default (set reasoning_model: true to skip this)",
+}
 
 
 async def _gather_or_raise(coros: Any) -> list[ChatResponse]:

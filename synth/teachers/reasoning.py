@@ -8,6 +8,10 @@ own field; local backends and servers without one return it in the text. Both en
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from synth.teachers.base import TokenLogprob
 
 OPEN, CLOSE = "<think>", "</think>"
 _OPEN_AT_START = re.compile(r"^\s*<think>")
@@ -42,3 +46,19 @@ def inline(reasoning: str | None, answer: str) -> str:
     if not reasoning:
         return answer
     return f"{OPEN}\n{reasoning}\n{CLOSE}\n\n{answer}"
+
+
+def answer_logprobs(logprobs: list["TokenLogprob"], answer_at: int) -> list["TokenLogprob"] | None:
+    """The logprobs of the tokens from character `answer_at` of the text they spell on, or None when no token starts there.
+
+    A token that straddles the reasoning and the answer has no place in either: rather than
+    misalign soft labels with the answer's text, the answer gets none.
+    """
+    spelled = 0
+    for i, token in enumerate(logprobs):
+        if spelled == answer_at:
+            return logprobs[i:]
+        if spelled > answer_at:
+            return None
+        spelled += len(token.token)
+    return [] if spelled == answer_at else None

@@ -117,8 +117,7 @@ class _JsonListGenerator(Generator):
     def parse(self, task: Task, request: ChatRequest, response: ChatResponse, final: bool) -> Outcome:
         """Unparsable samples are resampled once, then rejected with the raw text."""
         out = Outcome()
-        for i, completion in enumerate(response.completions):
-            sample = request.sample_offset + i
+        for sample, completion in self.answers(request, response):
             records, why = self.records_of(task, sample, completion.text, completion.finish_reason)
             if why is None:
                 out.records.extend(records)

@@ -185,8 +185,7 @@ class EvolveGenerator(Generator):
         """Unparsable replies are resampled once, then rejected with the raw text."""
         out = Outcome()
         item: EvolInput = task.input
-        for i, completion in enumerate(response.completions):
-            sample = request.sample_offset + i
+        for sample, completion in self.answers(request, response):
             prompt, why = parse_evolved(completion.text, completion.finish_reason)
             if prompt is None:
                 out.bad_sample(Reject(task=task.id, reason=f"sample {sample}: {why}", input=item.model_dump(mode="json"), raw=[completion.text]), retry=not final)
@@ -232,8 +231,7 @@ class EquivalenceJudge(Generator):
     def parse(self, task: Task, request: ChatRequest, response: ChatResponse, final: bool) -> Outcome:
         """A verdict per reply; neither "equal" nor "not equal" is resampled once, then rejected."""
         out = Outcome()
-        for i, completion in enumerate(response.completions):
-            sample = request.sample_offset + i
+        for sample, completion in self.answers(request, response):
             verdict = parse_verdict(completion.text)
             if verdict is None:
                 out.bad_sample(Reject(task=task.id, reason=f"sample {sample}: unparsable verdict: neither Equal nor Not Equal",

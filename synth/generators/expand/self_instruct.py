@@ -109,8 +109,7 @@ class ProposeGenerator(Generator):
         """Unparsable replies are resampled once, then rejected with the raw text."""
         out = Outcome()
         item: RoundRequest = task.input
-        for i, completion in enumerate(response.completions):
-            sample = request.sample_offset + i
+        for sample, completion in self.answers(request, response):
             found, why = parse_instruction_list(completion.text, completion.finish_reason)
             if found is None:
                 out.bad_sample(Reject(task=task.id, reason=f"sample {sample}: {why}", input={"round": item.round, "request": item.request}, raw=[completion.text]),

@@ -129,8 +129,7 @@ class CandidateGenerator(Generator):
     def parse(self, task: Task, request: ChatRequest, response: ChatResponse, final: bool) -> Outcome:
         """Every non-empty sample is a candidate; an empty one is rejected."""
         out = Outcome()
-        for i, c in enumerate(response.completions):
-            sample = request.sample_offset + i
+        for sample, c in self.answers(request, response):
             if not c.text.strip():
                 out.rejects.append(Reject(task=task.id, reason=f"empty response: {self.source}, sample {sample}", input=_dump(task.input), raw=[c.text]))
                 continue
@@ -139,6 +138,7 @@ class CandidateGenerator(Generator):
                     id=stable_id(task.id, sample),
                     prompt=task.input.prompt_value(),
                     completion=c.text,
+                    reasoning=c.reasoning,
                     meta={"key": task.input.key(), "source": self.source, "finish_reason": c.finish_reason},
                     provenance=self.provenance(task, sample),
                 )
@@ -212,8 +212,7 @@ class JudgeGenerator(Generator):
     def parse(self, task: Task, request: ChatRequest, response: ChatResponse, final: bool) -> Outcome:
         """Each valid reply becomes a Judgment; an invalid one is resampled, then rejected with its text."""
         out = Outcome()
-        for i, c in enumerate(response.completions):
-            sample = request.sample_offset + i
+        for sample, c in self.answers(request, response):
             value, why = self.read(c.text)
             if value is None:
                 reason = failure_reason(self.what, self.teacher_name, sample, c, why)
