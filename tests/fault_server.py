@@ -10,7 +10,11 @@ requests carrying that exact message get the fault, later ones succeed). Names:
 `429` (with Retry-After: `retry_after`), `500`, `503`, `400`, `stall` (no answer
 for `stall_s`), `drop` (close the socket without a response), `badjson` (200 with
 a broken JSON body), `truncated` (200 whose body stops mid-JSON, short of its
-Content-Length, then the socket closes), `empty` (200 with no choices), `ok`.
+Content-Length, then the socket closes), `empty` (200 with no choices), `ok`; and the answers that are not answers, each in its
+provider's documented shape: `refusal` (OpenAI: `content: null` beside a `refusal` message),
+`content_filter` (`finish_reason: "content_filter"`, no content), `tool_calls` (`content: null`,
+a `tool_calls` list, `finish_reason: "tool_calls"`), `context` (OpenAI's 400
+`context_length_exceeded`).
 With `fault_rate` > 0, requests that neither the script nor a directive decide get
 a fault drawn at random from `fault_kinds` (seeded by `fault_seed`) that often.
 
@@ -22,7 +26,19 @@ sample was answered twice (paid twice), and how often each logical request
 A good answer echoes deterministically: `echo: <last user message> #<seed + i>`
 for choice i (`#c<i>` without a seed), with word-count usage, `n` honoured unless
 `honor_n=False`, and fake logprobs when asked for. `json_schema=False` refuses
-that response format with a 500 (as llama.cpp does), `json_object=False` with a 400.
+that response format with a 500 (as llama.cpp does), `json_object=False` with a 400;
+`strict_schemas=True` refuses, as OpenAI's strict mode does, a json_schema whose objects do not
+set `additionalProperties: false` (a 400 naming `response_format`).
+
+Reasoning teachers: `reasoning="reasoning_content"` answers like DeepSeek-R1 (and vLLM's and
+llama.cpp's reasoning parsers), the thinking in `message.reasoning_content` and counted in
+`usage.completion_tokens_details.reasoning_tokens`; `reasoning="reasoning"` like OpenRouter;
+`reasoning="inline"` like a server without a parser, `<think>…</think>` in front of the content.
+`reasoning_model=True` answers like OpenAI's o-series and gpt-5: a 400 `unsupported_parameter`
+naming `max_tokens` (use `max_completion_tokens`), a 400 `unsupported_value` naming a
+`temperature` other than 1, and `unsupported_parameter` naming `top_p`, each body exactly as
+OpenAI sends it. With `upstream` (a real OpenAI-compatible server's /v1 URL, e.g. llama.cpp's),
+a good answer's text is that server's answer to the same chat instead of the echo.
 """
 
 from __future__ import annotations
@@ -37,7 +53,11 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-FAULTS = {"429", "500", "503", "400", "stall", "drop", "badjson", "truncated", "empty", "ok"}
+FAULTS = {"429", "500", "503", "400", "stall", "drop", "badjson", "truncated", "empty", "ok",
+          "refusal", "content_filter", "tool_calls", "context"}
+#: What the reasoning of an answer says (a reasoning server's thinking, before the answer).
+THINKING = "The user asks: {last}. Let me think it through step by step, then answer."
+REFUSAL = "I'm sorry, but I can't help with that request."
 #: Faults a real teacher shows now and then, all worth retrying: what `fault_rate` draws from.
 TRANSIENT_FAULTS = ("429", "500", "503", "stall", "drop", "badjson", "truncated", "empty")
 _DIRECTIVE = re.compile(r"!fault=(\w+)(?:\*(\d+))?")
@@ -59,7 +79,15 @@ class FaultServer:
         fault_rate: float = 0.0,
         fault_kinds: tuple[str, ...] = TRANSIENT_FAULTS,
         fault_seed: int = 0,
+        reasoning: str | None = None,
+        reasoning_model: bool = False,
+        strict_schemas: bool = False,
+        upstream: str | None = None,
     ):
+        self.reasoning = reasoning
+        self.reasoning_model = reasoning_model
+        self.strict_schemas = strict_schemas
+        self.upstream = upstream
         self.latency = latency
         self.honor_n = honor_n
         self.retry_after = retry_after
@@ -270,6 +298,15 @@ class FaultServer:
             await writer.drain()
             writer.transport.abort()
             return False
+        elif fault == "context":
+            # OpenAI's answer to a prompt that does not fit, word for word.
+            message = ("This model's maximum context length is 8192 tokens. However, your messages resulted in 9000 tokens. "
+                       "Please reduce the length of the messages.")
+            await self._send(writer, 400, _error(message, "invalid_request_error", param="messages", code="context_length_exceeded"))
+        elif fault in ("refusal", "content_filter", "tool_calls"):
+            await self._send(writer, 200, json.dumps(_not_an_answer(fault, req)).encode())
+            with self._lock:
+                self._completed += 1
         elif fault == "badjson":
             await self._send(writer, 200, b'{"id": "x", "choices": [{"index": 0, "mess')
         elif fault == "empty":
@@ -283,6 +320,20 @@ class FaultServer:
             if rf == "json_object" and not self.json_object:
                 await self._send(writer, 400, _error("response_format json_object is not supported", "invalid_request_error"))
                 return True
+            schema = ((req.get("response_format") or {}).get("json_schema") or {}).get("schema")
+            if rf == "json_schema" and self.strict_schemas and not _strict(schema):
+                name = req["response_format"]["json_schema"].get("name", "response")
+                message = (f"Invalid schema for response_format '{name}': In context=(), 'additionalProperties' is required "
+                           "to be supplied and to be false.")
+                await self._send(writer, 400, _error(message, "invalid_request_error", param="response_format"))
+                return True
+            if self.reasoning_model:
+                refused = _reasoning_model_refusal(req)
+                if refused is not None:
+                    await self._send(writer, 400, refused)
+                    return True
+            if self.upstream:
+                req = {**req, "upstream": await asyncio.to_thread(self._ask_upstream, req)}
             answer = self._answer(req, rf)
             await self._send(writer, 200, json.dumps(answer).encode())
             with self._lock:
@@ -324,21 +375,31 @@ class FaultServer:
     def _answer(self, req: dict[str, Any], rf: str | None) -> dict[str, Any]:
         last = _last_user(req)
         n = int(req.get("n") or 1) if self.honor_n else 1
-        max_tokens = int(req.get("max_tokens") or 1 << 30)
+        max_tokens = int(req.get("max_tokens") or req.get("max_completion_tokens") or 1 << 30)
         k = req.get("top_logprobs") if req.get("logprobs") else None
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in req.get("messages", []))
         choices, total = [], 0
         for i in range(n):
             tag = _tag(req, i)
             text = f"echo: {last} #{tag}"
-            if rf in ("json_object", "json_schema"):
+            if "upstream" in req:
+                text = req["upstream"][i % len(req["upstream"])]
+            elif rf in ("json_object", "json_schema"):
                 text = json.dumps({"echo": last, "tag": tag})
             words = text.split(" ")
             finish = "length" if len(words) > max_tokens else "stop"
             words = words[:max_tokens]
             text = " ".join(words)
             total += len(words)
-            choice: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if self.reasoning:
+                thinking = THINKING.format(last=last)
+                total += len(thinking.split())
+                if self.reasoning == "inline":
+                    message["content"] = f"<think>\n{thinking}\n</think>\n\n{text}"
+                else:
+                    message[self.reasoning] = thinking
+            choice: dict[str, Any] = {"index": i, "message": message, "finish_reason": finish, "logprobs": None}
             if k is not None:
                 toks = [w if j == 0 else " " + w for j, w in enumerate(words)]
                 choice["logprobs"] = {"content": [_token_lp(t, j, int(k)) for j, t in enumerate(toks)]}
@@ -349,8 +410,25 @@ class FaultServer:
             "created": int(time.time()),
             "model": req.get("model", "fault-model"),
             "choices": choices,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": total, "total_tokens": prompt_tokens + total},
+            "usage": self._usage(prompt_tokens, total, last, n),
         }
+
+    def _usage(self, prompt_tokens: int, total: int, last: str, n: int) -> dict[str, Any]:
+        usage: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": total, "total_tokens": prompt_tokens + total}
+        if self.reasoning in ("reasoning_content", "reasoning"):
+            usage["completion_tokens_details"] = {"reasoning_tokens": n * len(THINKING.format(last=last).split())}
+        return usage
+
+    def _ask_upstream(self, req: dict[str, Any]) -> list[str]:
+        """The real server's answers to the chat (one per choice it returns): the text a good answer carries."""
+        import urllib.request
+
+        body = {"model": "upstream", "messages": req.get("messages"), "temperature": req.get("temperature", 0.0),
+                "max_tokens": req.get("max_tokens") or req.get("max_completion_tokens") or 64, "seed": req.get("seed")}
+        post = urllib.request.Request(self.upstream.rstrip("/") + "/chat/completions", data=json.dumps(body).encode(),
+                                      headers={"content-type": "application/json"})
+        with urllib.request.urlopen(post, timeout=120) as resp:
+            return [c["message"]["content"] or "" for c in json.loads(resp.read())["choices"]]
 
 
 def _tag(req: dict[str, Any], i: int) -> str:
@@ -387,8 +465,50 @@ def _token_lp(token: str, j: int, k: int) -> dict[str, Any]:
     return {"token": token, "logprob": lp, "bytes": None, "top_logprobs": top[:k]}
 
 
-def _error(message: str, kind: str) -> bytes:
-    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}}).encode()
+def _error(message: str, kind: str, *, param: str | None = None, code: str | None = None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
+
+
+def _reasoning_model_refusal(req: dict[str, Any]) -> bytes | None:
+    """What OpenAI's o-series and gpt-5 answer a request carrying what they refuse (None: they take it)."""
+    if "max_tokens" in req:
+        message = "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead."
+        return _error(message, "invalid_request_error", param="max_tokens", code="unsupported_parameter")
+    temperature = req.get("temperature")
+    if temperature is not None and temperature != 1:
+        message = f"Unsupported value: 'temperature' does not support {temperature:g} with this model. Only the default (1) value is supported."
+        return _error(message, "invalid_request_error", param="temperature", code="unsupported_value")
+    if "top_p" in req:
+        return _error("Unsupported parameter: 'top_p' is not supported with this model.", "invalid_request_error", param="top_p", code="unsupported_parameter")
+    return None
+
+
+def _strict(schema: Any) -> bool:
+    """Whether every object in a schema sets additionalProperties: false (OpenAI's strict mode requires it)."""
+    if isinstance(schema, dict):
+        if schema.get("type") == "object" and schema.get("additionalProperties") is not False:
+            return False
+        return all(_strict(v) for v in schema.values())
+    if isinstance(schema, list):
+        return all(_strict(v) for v in schema)
+    return True
+
+
+def _not_an_answer(kind: str, req: dict[str, Any]) -> dict[str, Any]:
+    """A 200 whose choice is no answer, in the shape the provider documents for it."""
+    if kind == "refusal":
+        message = {"role": "assistant", "content": None, "refusal": REFUSAL}
+        finish = "stop"
+    elif kind == "content_filter":
+        message, finish = {"role": "assistant", "content": None}, "content_filter"
+    else:
+        call = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "x"}'}}
+        message, finish = {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
+    return {
+        "id": "chatcmpl-x", "object": "chat.completion", "created": int(time.time()), "model": req.get("model", "fault-model"),
+        "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14},
+    }
 
 
 @contextmanager

@@ -99,6 +99,10 @@ class Generator(abc.ABC):
     def parse(self, task: Task, request: ChatRequest, response: ChatResponse, final: bool) -> Outcome:
         """Turn a response's answers (see `answers`) into records; when not `final`, may ask for fresh samples instead of unparsable ones."""
 
+    def sample_name(self, sample: int) -> str:
+        """How a reject names one sample: "sample 3"."""
+        return f"sample {sample}"
+
     def answers(self, request: ChatRequest, response: ChatResponse) -> Iterator[tuple[int, Completion]]:
         """(sample index, completion) of each completion that is an answer: what `parse` reads."""
         for i, completion in enumerate(response.completions):
@@ -118,7 +122,7 @@ class Generator(abc.ABC):
                 continue
             sample = request.sample_offset + i
             raw = [text for text in (completion.refusal, completion.text, completion.reasoning) if text]
-            reject = Reject(task=task.id, reason=f"sample {sample}: {why}", input=_dump(task.input), raw=raw)
+            reject = Reject(task=task.id, reason=f"{self.sample_name(sample)}: {why}", input=_dump(task.input), raw=raw)
             out.bad_sample(reject, retry=self.resample_empty and not final and why.startswith("empty"))
         parsed = self.parse(task, request, response, final)
         out.records = [with_reasoning(r, self.reasoning) for r in parsed.records]

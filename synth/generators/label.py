@@ -170,6 +170,10 @@ class LabelGenerator(Generator):
         # What shapes the prompt besides the template goes into task ids too.
         self._prompt_key = [config.question_field, config.instruction, [d.model_dump() for d in self.demonstrations]]
 
+    def sample_name(self, sample: int) -> str:
+        """"sample 3 of TEACHER", as every label reject names its sample (votes may span teachers)."""
+        return f"sample {sample} of {self.teacher_name}"
+
     def question_of(self, item: BaseModel, where: str) -> str:
         """The input's question; an InputError naming `where` when it has none."""
         name = self.config.question_field
@@ -347,7 +351,8 @@ def _reject(s: LabelSample, why: str) -> Reject:
     return Reject(task=s.task, reason=f"sample {s.sample} of {s.teacher}: {why}", input=s.input, raw=[s.text])
 
 
-_REASON = re.compile(r"^sample \d+ of \S+: (?P<why>.+?)(?: \(.*)?$", re.DOTALL)
+# "sample 3 of T: wrong answer (got 5, …)", "sample 0 of T: refused: I can't…": the kind is what precedes " (" or ":".
+_REASON = re.compile(r"^sample \d+ of \S+: (?P<why>.+?)(?: \(.*|: .*)?$", re.DOTALL)
 
 
 def reason_kind(reject: Reject | dict) -> str:

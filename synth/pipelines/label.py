@@ -18,6 +18,7 @@ from pydantic import Field
 
 from synth.errors import ConfigError
 from synth.filters.verify import get_checker, probe_checker
+from synth.generators.base import ReasoningMode, with_reasoning
 from synth.generators.label import LabelGenerator, LabelInput, LabelOptions, LabelSample, SampleGenerator, decide, reason_kind
 from synth.io import read_jsonl
 from synth.job import JobSummary, run_job
@@ -75,7 +76,7 @@ def run(settings: LabelSettings) -> LabelResult:
             )
         )
         stages.append(stage)
-    kept, reasons = vote(stages, order, settings.output, settings)
+    kept, reasons = vote(stages, order, settings.output, settings, settings.run.reasoning)
     return LabelResult(settings.output, rejects_path(settings.output), kept, reasons, list(settings.teacher), summaries)
 
 
@@ -94,7 +95,7 @@ def task_order(generator: SampleGenerator, source: Path, limit: int | None) -> l
     return list(order)
 
 
-def vote(stages: list[Path], order: list[str], output: Path, options: LabelOptions) -> tuple[int, Counter]:
+def vote(stages: list[Path], order: list[str], output: Path, options: LabelOptions, reasoning: ReasoningMode = "keep") -> tuple[int, Counter]:
     """Decide every input over all stages' samples; write output and rejects atomically.
 
     Returns the number of examples kept and the rejects counted by kind. Samples are
@@ -120,7 +121,7 @@ def vote(stages: list[Path], order: list[str], output: Path, options: LabelOptio
                         group.append(LabelSample.model_validate_json(fh.readline()))
                     samples.extend(sorted(group, key=lambda s: s.sample))
                 decision = decide(samples, options, checker)
-                yield decision.records, [*decision.rejects, *(Reject.model_validate(r) for r in failures.get(task, ()))]
+                yield [with_reasoning(r, reasoning) for r in decision.records], [*decision.rejects, *(Reject.model_validate(r) for r in failures.get(task, ()))]
         finally:
             for fh in handles:
                 fh.close()

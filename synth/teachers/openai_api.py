@@ -190,6 +190,8 @@ class OpenAITeacher(Teacher):
         #: Sampling parameters this model refuses, sent otherwise or left out (see _build).
         self.refused: set[str] = set(_REASONING_PARAMS) if config.reasoning_model else set()
         self.n_supported: bool | None = None
+        #: Whether any request was answered yet (until then requests go one at a time, see _post).
+        self._answered = False
         self.notes: list[str] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: AsyncOpenAI | None = None
@@ -221,6 +223,7 @@ class OpenAITeacher(Teacher):
             self._loop = loop
             self._sem = asyncio.Semaphore(self.concurrency)
             self._probe_lock = asyncio.Lock()
+            self._first_lock = asyncio.Lock()
         return self._client
 
     def _note(self, text: str, say: bool = True) -> None:
@@ -311,6 +314,18 @@ class OpenAITeacher(Teacher):
         temperature, top_p) is learned and the request sent again without it, at most once per
         parameter: the job goes on instead of ending in a file of permanent errors.
         """
+        if self._answered:
+            return await self._post_learning(req, n, seed, mode)
+        # Until one request is answered, one at a time: a reasoning model's 400s teach the first
+        # request what to leave out, not every request of the first wave.
+        async with self._first_lock:
+            if not self._answered:
+                reply = await self._post_learning(req, n, seed, mode)
+                self._answered = True
+                return reply
+        return await self._post_learning(req, n, seed, mode)
+
+    async def _post_learning(self, req: ChatRequest, n: int, seed: int | None, mode: str | None) -> ChatResponse:
         while True:
             refused_before = set(self.refused)
             try:
