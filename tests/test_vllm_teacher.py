@@ -288,3 +288,63 @@ def test_real_vllm_generation():
         assert again.completions[0].text == first.completions[1].text
     finally:
         asyncio.run(teacher.aclose())
+
+
+# --- <think> blocks in the text ----------------------------------------------
+
+THINK_PIECES = ["<think>", "a", " b", "</think>", "\n\n", "The", " end"]
+
+
+def _thinking_output(pieces, with_logprobs=True):
+    """A one-sample RequestOutput whose text is `pieces` joined, token ids 10, 11, …"""
+    ids = list(range(10, 10 + len(pieces)))
+    positions = [{i: lp(-0.5, 1, p)} for i, p in zip(ids, pieces)] if with_logprobs else None
+    sample = SimpleNamespace(index=0, text="".join(pieces), token_ids=ids, finish_reason="stop", logprobs=positions)
+    return SimpleNamespace(prompt_token_ids=[1, 2], outputs=[sample])
+
+
+def test_to_chat_response_splits_a_think_block():
+    resp = to_chat_response(_thinking_output(THINK_PIECES), SamplingParams(logprobs=1), "m")
+    [c] = resp.completions
+    assert (c.text, c.reasoning, c.reasoning_tokens, c.completion_tokens) == ("The end", "a b", 5, 7)
+    assert [t.id for t in c.logprobs] == [15, 16] and "".join(t.token for t in c.logprobs) == c.text
+    assert resp.usage.reasoning_tokens == 5 and resp.usage.completion_tokens == 7
+
+
+def test_think_block_tokens_counted_with_the_engine_tokenizer():
+    """Without logprobs the engine's tokenizer counts the thinking tokens."""
+    vocab = dict(zip(range(10, 17), THINK_PIECES))
+
+    def decode(ids):
+        return "".join(vocab[i] for i in ids)
+
+    resp = to_chat_response(_thinking_output(THINK_PIECES, with_logprobs=False), SamplingParams(), "m", decode)
+    [c] = resp.completions
+    assert (c.text, c.reasoning, c.reasoning_tokens, c.logprobs) == ("The end", "a b", 5, None)
+
+
+def test_think_block_misaligned_with_tokens_drops_logprobs():
+    """A token spanning the gap and the answer (" The"): no logprobs rather than shifted ones."""
+    pieces = ["<think>", "a", "</think>", " The", " end"]
+    [c] = to_chat_response(_thinking_output(pieces), SamplingParams(logprobs=1), "m").completions
+    assert (c.text, c.reasoning, c.completion_tokens, c.logprobs) == ("The end", "a", 5, None)
+
+
+def test_teacher_splits_a_think_block(fake_vllm, monkeypatch):
+    class ThinkingLLM(FakeLLM):
+        """Thinks before answering; its tokenizer spells one character per token id."""
+
+        def chat(self, conversations, sampling_params, use_tqdm=True):
+            text = "<think>let me see</think>\n\nyes"
+            sample = SimpleNamespace(index=0, text=text, token_ids=[ord(ch) for ch in text], finish_reason="stop", logprobs=None)
+            return [SimpleNamespace(prompt_token_ids=[0], outputs=[sample]) for _ in conversations]
+
+        def get_tokenizer(self):
+            return SimpleNamespace(decode=lambda ids, skip_special_tokens=True: "".join(map(chr, ids)))
+
+    monkeypatch.setattr(fake_vllm, "LLM", ThinkingLLM)
+    teacher = build_teacher(TeacherSettings(backend="vllm", model="m"))
+    [res] = asyncio.run(teacher.generate([ask("q")]))
+    [c] = res.completions
+    assert (c.text, c.reasoning, c.reasoning_tokens) == ("yes", "let me see", len("<think>let me see</think>\n\n"))
+    assert teacher.stats.reasoning_tokens == c.reasoning_tokens and teacher.stats.completion_tokens == c.completion_tokens

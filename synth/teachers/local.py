@@ -11,7 +11,7 @@ import secrets
 import threading
 import time
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from synth.errors import ConfigError
 from synth.records import Message
@@ -31,6 +31,7 @@ from synth.teachers.base import (
 )
 from synth.teachers.config import EMBEDDED, TeacherSettings, check_device_available
 from synth.teachers.embedded import CONVERSION_VERSION, EMBEDDED_MODEL_NAME, EMBEDDED_TOKENIZER_NAME, embedded_gguf_path, embedded_model_dir
+from synth.teachers.reasoning import split_reasoning
 
 JSON_INSTRUCTION = "Reply with only a JSON value, no other text, that matches this JSON schema:\n{schema}"
 
@@ -75,7 +76,9 @@ class TransformersTeacher(Teacher):
     """A teacher backed by a local transformers model (backend "transformers").
 
     Logprobs are those of the model's own distribution at temperature 1 (log_softmax
-    of the raw logits), whatever temperature/top_p the text was sampled with.
+    of the raw logits), whatever temperature/top_p the text was sampled with; the
+    checkpoint's generation_config (penalties, top_k…) is ignored. A `<think>` block in
+    the output becomes `Completion.reasoning`; logprobs cover the answer's tokens only.
     JSON schemas are requested by prompting (no constrained decoding); the caller validates.
     """
 
@@ -85,8 +88,8 @@ class TransformersTeacher(Teacher):
         """Check the model location now; the model itself loads on first use."""
         super().__init__(config.model)
         self.config = config
-        # 16 rows per forward batch labeled GSM8K 12 % faster than 8 on 2 CPU cores (32: 23 %, but a
-        # logprobs request keeps every step's (batch, vocab) logits, which 32 rows make large).
+        # 16 rows per forward batch labeled GSM8K 12 % faster than 8 on 2 CPU cores (32: 23 %, but
+        # each row's KV cache and a step's (batch, vocab) logits grow with it).
         self.batch_size = config.batch_size or 16
         self.concurrency = config.concurrency or 1
         self._embedded = config.model == EMBEDDED
@@ -133,6 +136,7 @@ class TransformersTeacher(Teacher):
         self.stats.errors += len(results) - len(ok)
         self.stats.prompt_tokens += sum(r.usage.prompt_tokens for r in ok)
         self.stats.completion_tokens += sum(r.usage.completion_tokens for r in ok)
+        self.stats.reasoning_tokens += sum(r.usage.reasoning_tokens for r in ok)
         return results
 
     async def capabilities(self) -> Capabilities:
@@ -181,6 +185,11 @@ class TransformersTeacher(Teacher):
         eos = model.generation_config.eos_token_id
         self._eos = {*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id} - {None}
         self._context = getattr(model.config, "max_position_embeddings", None)
+        # generate() fills every field a passed config leaves unset from this one: replace the
+        # checkpoint's (its repetition_penalty, top_k, suppress_tokens…) by one that sets nothing.
+        model.generation_config = _neutral_generation_config(
+            bos_token_id=model.generation_config.bos_token_id, eos_token_id=sorted(self._eos), pad_token_id=tokenizer.pad_token_id
+        )
         self._tokenizer, self._model = tokenizer, model.to(self.device).eval()
 
     def _generate_sync(self, requests: list[ChatRequest]) -> list[ChatResponse | TeacherError]:
@@ -225,7 +234,11 @@ class TransformersTeacher(Teacher):
         return [errors[i] if i in errors else self._response(*done[i]) for i in range(len(requests))]
 
     def _response(self, prompt_tokens: int, completions: list[Any]) -> ChatResponse:
-        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(c.completion_tokens for c in completions))
+        usage = Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=sum(c.completion_tokens for c in completions),
+            reasoning_tokens=sum(c.reasoning_tokens for c in completions),
+        )
         name = EMBEDDED_MODEL_NAME if self._embedded else self.model
         return ChatResponse(completions=completions, usage=usage, model=name, cached=[False] * len(completions))
 
@@ -254,23 +267,22 @@ class TransformersTeacher(Teacher):
         width = max(len(r.prompt) for r in rows)
         ids = torch.tensor([[tok.pad_token_id] * (width - len(r.prompt)) + r.prompt for r in rows], device=self.device)
         mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in rows], device=self.device)
-        kwargs: dict[str, Any] = {"stop_strings": stop, "tokenizer": tok} if stop else {}
+        # The recorder comes first, so it sees the raw logits before a sampler replaces them.
+        recorder = _LogprobRecorder(logprobs, len(rows), max_tokens, self.device) if logprobs is not None else None
+        processors = [recorder] if recorder else []
         if any(r.params.temperature > 0 for r in rows):
-            kwargs["logits_processor"] = LogitsProcessorList([_RowSampler(rows, self.device)])
+            processors.append(_RowSampler(rows, self.device))
+        config = _neutral_generation_config(
+            max_new_tokens=max_tokens, do_sample=False, num_beams=1, pad_token_id=tok.pad_token_id,
+            eos_token_id=sorted(self._eos), return_dict_in_generate=True, stop_strings=stop or None,
+        )  # fmt: skip
         with torch.inference_mode():
             out = self._model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
-                pad_token_id=tok.pad_token_id, eos_token_id=sorted(self._eos), return_dict_in_generate=True,
-                output_logits=logprobs is not None, **kwargs,
+                input_ids=ids, attention_mask=mask, generation_config=config, tokenizer=tok,
+                logits_processor=LogitsProcessorList(processors),
             )  # fmt: skip
         generated = out.sequences[:, width:]
-        top = None
-        if logprobs is not None:
-            # Step by step, so a long batch never holds a (batch, steps, vocab) float32 tensor.
-            steps = [torch.log_softmax(step.float(), dim=-1) for step in out.logits]
-            chosen = torch.stack([lp.gather(1, generated[:, t : t + 1])[:, 0] for t, lp in enumerate(steps)], 1).tolist()
-            tops = [lp.topk(logprobs, dim=-1) for lp in steps]
-            top = (chosen, torch.stack([t.indices for t in tops], 1).tolist(), torch.stack([t.values for t in tops], 1).tolist())
+        top = recorder.finish(generated) if recorder else None
         piece = functools.lru_cache(maxsize=None)(lambda token_id: tok.decode([token_id]))
         completions = []
         for b, gen_ids in enumerate(generated.tolist()):
@@ -284,17 +296,139 @@ class TransformersTeacher(Teacher):
                 # Drop the tokens that only spell the stop string, so logprobs match the text.
                 while gen_ids and len(tok.decode(gen_ids[:-1], skip_special_tokens=True)) >= len(text):
                     gen_ids.pop()
+            split = split_generated(text, len(gen_ids), functools.partial(_spell, tok, gen_ids))
             token_logprobs = None
-            if top is not None:
+            if top is not None and split.aligned:
                 chosen, top_ids, top_vals = top
                 token_logprobs = [
                     TokenLogprob(token=piece(x), id=x, logprob=chosen[b][t],
                                  top=[TopLogprob(token=piece(j), id=j, logprob=v) for j, v in zip(top_ids[b][t], top_vals[b][t])])
-                    for t, x in enumerate(gen_ids)
+                    for t, x in enumerate(gen_ids) if t >= split.reasoning_tokens
                 ]  # fmt: skip
-            text = json_opening(rows[b].params.json_schema) + text
-            completions.append(Completion(text=text, finish_reason=reason, completion_tokens=len(gen_ids), logprobs=token_logprobs))
+            completions.append(Completion(
+                text=json_opening(rows[b].params.json_schema) + split.answer, finish_reason=reason,
+                completion_tokens=len(gen_ids), logprobs=token_logprobs,
+                reasoning=split.reasoning, reasoning_tokens=split.reasoning_tokens,
+            ))  # fmt: skip
         return completions
+
+
+class ReasoningSplit(NamedTuple):
+    """A generated text cut into thinking and answer, and how many of its tokens the thinking part takes."""
+
+    reasoning: str | None
+    answer: str
+    #: Tokens spelling the thinking, its tags and the gap before the answer.
+    reasoning_tokens: int
+    #: Whether those tokens end exactly where the answer starts (else per-token logprobs would misalign).
+    aligned: bool
+
+
+def split_generated(text: str, n_tokens: int, spell: Callable[[int], str] | None) -> ReasoningSplit:
+    """`text` (spelled by `n_tokens` tokens) split by `split_reasoning`, with the tokens of its thinking counted.
+
+    `spell(n)` is the text of the first n tokens: a prefix decode, or the first n pieces joined
+    (see `spelled_by`); None when the tokens are unknown (then the count is 0 and not aligned).
+    The count is the fewest tokens whose text reaches the answer's start; when a token spans
+    that start (say " The" after "</think>"), it is counted and `aligned` is False.
+    """
+    reasoning, answer, answer_at = split_reasoning(text)
+    if answer_at == 0:
+        return ReasoningSplit(reasoning, answer, 0, True)
+    if spell is None:
+        return ReasoningSplit(reasoning, answer, 0, False)
+    # A prefix's text grows with its token count, so a binary search needs only ~log2(n) decodes.
+    lo, hi = 0, n_tokens
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(spell(mid)) >= answer_at:
+            hi = mid
+        else:
+            lo = mid + 1
+    return ReasoningSplit(reasoning, answer, lo, spell(lo) == text[:answer_at])
+
+
+def spelled_by(pieces: Sequence[str]) -> Callable[[int], str]:
+    """`spell(n)` for `split_generated` from per-token pieces: the first n pieces joined."""
+    return lambda n: "".join(pieces[:n])
+
+
+def _spell(tok: Any, ids: list[int], n: int) -> str:
+    """The text of the first n of `ids`, decoded together (pieces decoded alone can differ: byte tokens, SentencePiece spaces)."""
+    return tok.decode(ids[:n], skip_special_tokens=True)
+
+
+def _neutral_generation_config(**settings: Any) -> Any:
+    """A GenerationConfig built from scratch with `settings`, so generate() changes no logits we did not ask it to.
+
+    A checkpoint's generation_config.json (Qwen2.5-Instruct: repetition_penalty 1.05, top_k 20…)
+    would otherwise make temperature 0 something other than greedy, and make the emitted tokens
+    disagree with the logprobs we report. generate() fills the fields a passed config leaves
+    unset from `model.generation_config`, so the model's own is replaced by one of these at load,
+    and the rest come from transformers' defaults, which do nothing in greedy decoding; the
+    processor-switching fields are also set to their no-op values here, in case a version
+    changes those defaults.
+    """
+    from transformers import GenerationConfig
+
+    neutral = {
+        "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+        "encoder_no_repeat_ngram_size": 0, "min_length": 0, "length_penalty": 1.0,
+        "renormalize_logits": False, "remove_invalid_values": False,
+    }  # fmt: skip
+    return GenerationConfig(**{**neutral, **settings})
+
+
+class _LogprobRecorder:
+    """A logits processor that keeps, per step, the top-k and the chosen token's logprob of the raw logits.
+
+    generate()'s own `output_logits` would keep every step's (batch, vocab) float32 logits until
+    the end (16 rows x 512 steps x 152k vocab: 5 GB, twice that with their log_softmax). This keeps
+    one step's log_softmax at a time: the token chosen from it is known at the next call (the last
+    column of `input_ids`), or, for the last step, from the returned sequences.
+    Place it first, so no other processor has changed the scores it sees.
+    """
+
+    def __init__(self, k: int, rows: int, max_steps: int, device: Any = None):
+        import torch
+
+        self.k = k
+        # Filled in place: with small tensors allocated and kept each step instead, glibc's heap
+        # grew by a (batch, vocab) block or two per step (2.3 GB over 128 steps of 16 x 152k, as
+        # much as output_logits; see benchmarks/local_logprobs_memory.py).
+        self.chosen = torch.zeros(rows, max_steps, device=device)
+        self.top_ids = torch.zeros(rows, max_steps, k, dtype=torch.long, device=device)
+        self.top_values = torch.zeros(rows, max_steps, k, device=device)
+        self.steps = 0
+        self._pending: Any = None
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        """Record this step (and settle the previous one's chosen token); the scores pass unchanged."""
+        import torch
+
+        self._settle(input_ids[:, -1])
+        if self.steps < self.chosen.shape[1]:
+            logprobs = torch.log_softmax(scores.float(), dim=-1)
+            top = logprobs.topk(self.k, dim=-1)
+            self.top_ids[:, self.steps] = top.indices
+            self.top_values[:, self.steps] = top.values
+            self._pending = logprobs
+        self.steps += 1
+        return scores
+
+    def _settle(self, tokens: Any) -> None:
+        if self._pending is not None:
+            self.chosen[:, self.steps - 1] = self._pending.gather(1, tokens[:, None])[:, 0]
+            self._pending = None
+
+    def finish(self, generated: Any) -> tuple[list, list, list]:
+        """(chosen logprob, top-k ids, top-k values) as [row][step] lists for the `generated` tokens."""
+        steps = generated.shape[1]
+        if self._pending is not None and self.steps <= steps:
+            self._settle(generated[:, self.steps - 1])
+        # A generate() that defers its stop check (on MPS) runs steps it then drops: drop them too.
+        self._pending = None
+        return self.chosen[:, :steps].tolist(), self.top_ids[:, :steps].tolist(), self.top_values[:, :steps].tolist()
 
 
 def _whole_characters(tok: Any, gen_ids: list[int]) -> tuple[list[int], str]:

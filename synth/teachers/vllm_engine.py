@@ -11,6 +11,7 @@ tested without vLLM installed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import threading
 from typing import Any, Callable, Sequence
@@ -30,12 +31,15 @@ from synth.teachers.base import (
     Usage,
 )
 from synth.teachers.config import TeacherSettings
+from synth.teachers.local import split_generated, spelled_by
 
 INSTALL_HINT = "pip install 'blackbox-distill[vllm]'"
 DEFAULT_BATCH_SIZE = 256
 
 #: (keyword of vLLM's SamplingParams, factory called as factory(json=schema)).
 JsonField = tuple[str, Callable[..., Any]]
+#: Token ids → their text, as the engine detokenizes them.
+Decode = Callable[[list[int]], str]
 
 
 def engine_kwargs(config: TeacherSettings) -> dict[str, Any]:
@@ -112,8 +116,13 @@ def _text(lp: Any) -> str:
     return getattr(lp, "decoded_token", None) or ""
 
 
-def to_chat_response(output: Any, params: SamplingParams, model: str) -> ChatResponse:
-    """A vLLM `RequestOutput` → our `ChatResponse`, completions in sample order."""
+def to_chat_response(output: Any, params: SamplingParams, model: str, decode: Decode | None = None) -> ChatResponse:
+    """A vLLM `RequestOutput` → our `ChatResponse`, completions in sample order.
+
+    A `<think>…</think>` block in the text goes to `Completion.reasoning`; its tokens are counted
+    with `decode` (the engine's tokenizer, token ids → text) or else the logprobs' token pieces, and
+    left out of the logprobs (set to None where no token boundary falls on the answer's start).
+    """
     samples = sorted(output.outputs, key=lambda c: getattr(c, "index", 0))
     if len(samples) != params.n:
         raise ValueError(f"vLLM returned {len(samples)} completions, {params.n} were asked for")
@@ -125,19 +134,48 @@ def to_chat_response(output: Any, params: SamplingParams, model: str) -> ChatRes
             if sample.logprobs is None:
                 raise ValueError("vLLM returned no logprobs although they were asked for")
             logprobs = convert_logprobs(token_ids, sample.logprobs, params.logprobs)
-        completions.append(
-            Completion(
-                text=sample.text,
-                finish_reason=sample.finish_reason,
-                completion_tokens=len(token_ids),
-                logprobs=logprobs,
-            )
-        )
+        completions.append(_split_completion(sample, token_ids, logprobs, decode))
     usage = Usage(
         prompt_tokens=len(output.prompt_token_ids or []),
         completion_tokens=sum(c.completion_tokens for c in completions),
+        reasoning_tokens=sum(c.reasoning_tokens for c in completions),
     )
     return ChatResponse(completions=completions, usage=usage, model=model)
+
+
+def _split_completion(sample: Any, token_ids: list[int], logprobs: list[TokenLogprob] | None, decode: Decode | None) -> Completion:
+    """One vLLM sample as a Completion: its thinking apart, its logprobs for the answer's tokens only."""
+    text = sample.text or ""
+    if decode is not None:
+        spell = functools.partial(_decode_prefix, decode, token_ids)
+    elif logprobs is not None:
+        spell = spelled_by([t.token for t in logprobs])
+    else:
+        spell = None
+    split = split_generated(text, len(token_ids), spell)
+    if logprobs is not None:
+        logprobs = logprobs[split.reasoning_tokens :] if split.aligned else None
+    return Completion(
+        text=split.answer,
+        finish_reason=sample.finish_reason,
+        completion_tokens=len(token_ids),
+        logprobs=logprobs,
+        reasoning=split.reasoning,
+        reasoning_tokens=split.reasoning_tokens,
+    )
+
+
+def _decode_prefix(decode: Decode, token_ids: list[int], n: int) -> str:
+    return decode(token_ids[:n])
+
+
+def _decoder(llm: Any) -> Decode | None:
+    """Token ids → text with the engine's own tokenizer, as vLLM detokenizes outputs; None if it has none."""
+    try:
+        tokenizer = llm.get_tokenizer()
+    except Exception:
+        return None
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -170,6 +208,7 @@ class VLLMTeacher(Teacher):
             self._llm = vllm.LLM(**kwargs)
         except Exception as exc:
             raise ConfigError(f"vllm could not load {config.model!r}: {_one_line(exc)}") from exc
+        self._decode = _decoder(self._llm)
 
     @property
     def tokenizer_name(self) -> str | None:
@@ -204,6 +243,7 @@ class VLLMTeacher(Teacher):
                 self.stats.requests_ok += 1
                 self.stats.prompt_tokens += r.usage.prompt_tokens
                 self.stats.completion_tokens += r.usage.completion_tokens
+                self.stats.reasoning_tokens += r.usage.reasoning_tokens
             else:
                 self.stats.errors += 1
         return final
@@ -241,7 +281,7 @@ class VLLMTeacher(Teacher):
         if isinstance(out, BaseException):
             return PermanentTeacherError(f"vllm: {_one_line(out)}")
         try:
-            return to_chat_response(out, params, self.model)
+            return to_chat_response(out, params, self.model, self._decode)
         except Exception as exc:
             return PermanentTeacherError(f"vllm output: {_one_line(exc)}")
 
