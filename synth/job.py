@@ -10,7 +10,7 @@ import sqlite3
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
@@ -24,6 +24,7 @@ from synth.generators.base import Generator, ReasoningMode
 from synth.io import read_jsonl
 from synth.journal import JournalError, TaskJournal
 from synth.layout import check_output, rejects_path
+from synth.output_lock import writing
 from synth.progress import JobCounts, ProgressLine
 from synth.runner import Runner
 from synth.teachers import TeacherSettings, build_teacher
@@ -57,6 +58,21 @@ class JobSummary:
     duplicates: int = 0
     #: Of completion_tokens, those a reasoning model spent thinking.
     reasoning_tokens: int = 0
+
+
+def parser_code(generator: Generator) -> str:
+    """A hash of the source of every module the generator's class and its bases live in (ours, not pydantic's).
+
+    Part of the job's identity: a journal half-written by another version of the parsing code is
+    not resumed into this one (its answers are still cached, so a restart pays nothing for them).
+    """
+    digest = hashlib.sha256()
+    for cls in type(generator).__mro__:
+        module = sys.modules.get(cls.__module__)
+        source = getattr(module, "__file__", None)
+        if source and cls.__module__.split(".")[0] == "synth":
+            digest.update(Path(source).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def open_cache(cache_dir: str | Path | None, mode: CacheMode) -> ResponseCache:
@@ -155,7 +171,7 @@ def run_job(
 
     # A bad line, or a template that does not fit one, fails the job before any teacher call or output.
     # The job is what it asks of whom: every task's id and request, then the teacher (below).
-    total, job = 0, hashlib.sha256(f"{type(generator).__qualname__}:{settings.reasoning}".encode())
+    total, job = 0, hashlib.sha256(f"{type(generator).__qualname__}:{settings.reasoning}:{parser_code(generator)}".encode())
     for where, item in items():
         task = generator.make_task(item, where)
         job.update(task.id.encode() + task.request.model_dump_json().encode())
@@ -169,7 +185,9 @@ def run_job(
     counts = JobCounts(total=total)
     started = time.monotonic()
     runner = Runner(cached, journal, counts)
+    held = ExitStack()
     try:
+        held.enter_context(writing(output))  # before the journal is touched: one writer per output
         with _disk_errors(journal.path, "cannot open the journal", cache):
             recovered = journal.open(settings.restart)
 
@@ -207,6 +225,7 @@ def run_job(
     finally:
         journal.close()
         cache.close()
+        held.close()
     s = teacher.stats
     return JobSummary(
         output=output,

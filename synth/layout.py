@@ -21,8 +21,8 @@ from synth.errors import ConfigError
 
 #: What commands write beside an output `out.jsonl`, as suffixes of `out` (see `side_paths`).
 SIDE_SUFFIXES = (".rejects.jsonl", ".work", ".sft.jsonl", ".pairs.jsonl", ".coverage.json", ".coverage.md", ".tree.yaml")
-#: Work files that are never part of a published dataset: journals and stage folders.
-WORK_SUFFIXES = (".partial", ".recover", ".work")
+#: Work files that are never part of a published dataset: journals, stage folders, the writer's lock.
+WORK_SUFFIXES = (".partial", ".recover", ".work", ".lock")
 
 
 def stem(output: str | Path) -> str:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Collection
+from typing import Any, Callable, Collection, Iterator
 
 from pydantic import BaseModel, Field, ValidationError, create_model
 
 from distill.config_flags import checked_type, describe_errors, flag_fields, load_config, model_flag_type
 from synth.errors import ConfigError
 from synth.layout import check_output, sibling
+from synth.output_lock import writing
 from synth.job import JobSummary, RunSettings
 from synth.pipelines.stages import PIPELINE_FIELDS, StagedResult
 from synth.teachers import SamplingParams, TeacherSettings, TeacherOverrides, parse_teacher_spec
@@ -66,16 +68,20 @@ def pipeline_settings(values: dict, model: type[BaseModel], own: Collection[str]
     """A pipeline's settings from flag values (a parsed command line or a recipe stage): `config` and the
     method's keys, then the cache and teacher-override keys, which only a command line or a recipe sets.
 
-    Nothing is checked on disk here (see `check_job_output`): a recipe validates every stage before any runs.
+    Nothing is checked on disk here (see `job_output`): a recipe validates every stage before any runs.
     """
     # The fields in `own` come from the command's own flags, never from generated flags or a --config file.
     settings = load_config(argparse.Namespace(**values), model, flags_only=own)
     return settings.model_copy(update={"run": run_settings(values), "teacher_overrides": teacher_overrides(values)})
 
 
-def check_job_output(output: Path, values: dict) -> None:
-    """Refuse, before any request, an output the job must not write: one of the files `values` name (see `check_output`)."""
+@contextmanager
+def job_output(output: Path, values: dict) -> Iterator[None]:
+    """Refuse, before any request, an output the job must not write (one of the files `values` name, see
+    `check_output`), then hold it for the block: a second process on the same output stops at once."""
     check_output(output, _named_files(values), also=[sibling(output, kind) for kind in ("sft", "pairs")])
+    with writing(output):
+        yield
 
 
 def add_teacher_override_flags(g) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from distill.commands.common import CACHE_KEYS, TEACHER_KEYS, Runnable, add_cache_flags, add_teacher_flags, check_job_output, config_keys, pipeline_settings
+from distill.commands.common import CACHE_KEYS, TEACHER_KEYS, Runnable, add_cache_flags, add_teacher_flags, job_output, config_keys, pipeline_settings
 from distill.config_flags import add_config_flags
 from synth.pipelines.curate import CurateResult, CurateSettings, run as run_curate
 from synth.pipelines.stages import PIPELINE_FIELDS
@@ -43,9 +43,9 @@ def settings_from(values: dict) -> CurateSettings:
 
 def execute(settings: CurateSettings) -> int:
     """Run the pipeline and print what it did."""
-    check_job_output(settings.output, dict(settings))
-    print_result(run_curate(settings))
-    return 0
+    with job_output(settings.output, dict(settings)):
+        print_result(run_curate(settings))
+        return 0
 
 
 

@@ -11,7 +11,7 @@ from distill.commands.common import (
     CACHE_KEYS,
     TEACHER_KEYS,
     Runnable,
-    check_job_output,
+    job_output,
     config_keys,
     pipeline_settings,
 )
@@ -75,15 +75,15 @@ def run(args: argparse.Namespace) -> int:
 
 def execute(settings: self_instruct.SelfInstructSettings | evol.EvolSettings) -> int:
     """Run the method these settings configure and print what it did."""
-    check_job_output(settings.output, dict(settings))
-    if isinstance(settings, evol.EvolSettings):
-        result = evol.run(settings)
-        print(f"evolved instructions kept: {result.instructions} over {result.rounds} rounds")
-    else:
-        result = self_instruct.run(settings)
-        print(f"new instructions: {result.instructions} in {result.rounds} rounds")
-    print_result(result)
-    return 0
+    with job_output(settings.output, dict(settings)):
+        if isinstance(settings, evol.EvolSettings):
+            result = evol.run(settings)
+            print(f"evolved instructions kept: {result.instructions} over {result.rounds} rounds")
+        else:
+            result = self_instruct.run(settings)
+            print(f"new instructions: {result.instructions} in {result.rounds} rounds")
+        print_result(result)
+        return 0
 
 
 #: `distill expand self-instruct` and `distill expand evol` as recipe stages; settings from flag values

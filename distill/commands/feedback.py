@@ -11,7 +11,7 @@ from distill.commands.common import (
     add_cache_flags,
     add_io_flags,
     add_teacher_flags,
-    check_job_output,
+    job_output,
     config_keys,
     pipeline_settings,
     print_stages,
@@ -53,9 +53,9 @@ def settings_from(values: dict) -> feedback.FeedbackSettings:
 
 def execute(settings: feedback.FeedbackSettings) -> int:
     """Run the pipeline and print what it did."""
-    check_job_output(settings.output, dict(settings))
-    print_stages(feedback.run(settings))
-    return 0
+    with job_output(settings.output, dict(settings)):
+        print_stages(feedback.run(settings))
+        return 0
 
 
 #: `distill feedback` as a recipe stage.

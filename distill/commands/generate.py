@@ -15,7 +15,7 @@ from distill.commands.common import (
     add_cache_flags,
     add_sampling_flags,
     add_teacher_flags,
-    check_job_output,
+    job_output,
     limit_type,
     print_summary,
     read_json_schema,
@@ -110,10 +110,10 @@ def execute(settings: GenerateSettings) -> int:
                             keep_truncated=settings.keep_truncated)  # fmt: skip
 
     teacher = teacher_config(settings.teacher, settings.teacher_overrides)
-    check_job_output(settings.output, dict(settings))
-    summary = run_job(make, settings.input, settings.output, teacher, settings.run, limit=settings.limit)
-    print_summary(summary)
-    return 0
+    with job_output(settings.output, dict(settings)):
+        summary = run_job(make, settings.input, settings.output, teacher, settings.run, limit=settings.limit)
+        print_summary(summary)
+        return 0
 
 
 #: `distill generate` as a recipe stage.

@@ -14,7 +14,7 @@ from distill.commands.common import (
     CACHE_KEYS,
     TEACHER_KEYS,
     Runnable,
-    check_job_output,
+    job_output,
     config_keys,
     limit_type,
     pipeline_settings,
@@ -65,9 +65,9 @@ def settings_from(values: dict) -> LabelSettings:
 
 def execute(settings: LabelSettings) -> int:
     """Run the pipeline and print what it did."""
-    check_job_output(settings.output, dict(settings))
-    print_result(run_label(settings))
-    return 0
+    with job_output(settings.output, dict(settings)):
+        print_result(run_label(settings))
+        return 0
 
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from distill.commands.common import CACHE_KEYS, Runnable, add_cache_flags, add_io_flags, check_job_output, config_keys, pipeline_settings, print_stages
+from distill.commands.common import CACHE_KEYS, Runnable, add_cache_flags, add_io_flags, job_output, config_keys, pipeline_settings, print_stages
 from distill.config_flags import add_config_flags
 from synth.pipelines import self_knowledge
 from synth.pipelines.stages import PIPELINE_FIELDS
@@ -37,9 +37,9 @@ def settings_from(values: dict) -> self_knowledge.SelfSettings:
 
 def execute(settings: self_knowledge.SelfSettings) -> int:
     """Run the pipeline and print what it did."""
-    check_job_output(settings.output, dict(settings))
-    print_stages(self_knowledge.run(settings))
-    return 0
+    with job_output(settings.output, dict(settings)):
+        print_stages(self_knowledge.run(settings))
+        return 0
 
 
 #: `distill self` as a recipe stage (the student is its only model: no teacher).
