@@ -10,6 +10,7 @@ from pathlib import Path
 from distill.cli import debug_from_env, report_error
 from distill.recipe import Stage, fingerprint, flag_values, load_recipe, parse_assignments, stage_runnable
 from distill.recipe_state import clear_outputs, finished, made_before, mark, read_state, status
+from synth.layout import read_rows, rejects_path
 
 
 def register(sub) -> None:
@@ -78,6 +79,12 @@ def run(args: argparse.Namespace) -> int:
         if code != 0:
             print(f"stage {stage.name} failed (exit {code}); fix it and rerun: finished stages are kept")
             return code
+        failed = teacher_failures(stage.output)
+        if failed:
+            # Not done: marked as running, so the next `distill run` resumes it and asks again for exactly these.
+            print(f"stage {stage.name}: {failed} inputs failed at the teacher (see {rejects_path(stage.output)}); "
+                  "rerun the recipe to retry them (answers already received are cached and cost nothing)")
+            return 1
         if stage.output is not None and stage.output.suffix == ".jsonl" and stage.output.is_file():
             inputs = [v for k, v in stage.settings.items() if k not in ("output", "teacher") and isinstance(v, str) and Path(v).exists()]
             print(f"    data card: {write_data_card(stage.output, inputs)}")
@@ -98,6 +105,13 @@ def run_stage(stage: Stage) -> int:
         return runnable.execute(runnable.settings_from(flag_values(stage.settings)))
     except (SystemExit, KeyboardInterrupt, Exception) as exc:
         return report_error(exc, debug_from_env())
+
+
+def teacher_failures(output: Path | None) -> int:
+    """How many of a synthesis stage's rejects are teacher failures (nothing received: a rerun retries them)."""
+    if output is None or output.suffix != ".jsonl":
+        return 0
+    return sum(1 for row in read_rows(rejects_path(output)) if row.get("error"))
 
 
 def _what(out: Path) -> str:
