@@ -109,7 +109,7 @@ class TaskJournal:
             raise JournalError(f"{self.path}: a journal without a job fingerprint (left by an older version); {RESTART_HINT}")
         if entry.get("job") != self.job:
             raise JournalError(
-                f"{self.path}: left by an interrupted run of another job (other input, teacher or settings); "
+                f"{self.path}: left by an interrupted run of another job (other input, teacher, settings or parsing code); "
                 f"rerun that command to finish it, or {RESTART_HINT}"
             )
 

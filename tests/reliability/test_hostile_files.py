@@ -323,6 +323,27 @@ def test_a_journal_left_by_another_job_is_refused_not_merged(case, tmp_path, ser
     assert server.received - before == 40 - paid_by_a, "job A's answers from before stay usable"
 
 
+@pytest.mark.parametrize("change", ["parsing code", "reasoning mode"])
+def test_a_journal_left_by_other_parsing_code_or_record_shaping_is_refused(change, tmp_path, server, capsys, monkeypatch):
+    """The teacher and requests are the same, but the records would be made otherwise: never merged."""
+    inp, out, cache = write_prompts(tmp_path / "a.jsonl", 40), tmp_path / "out.jsonl", tmp_path / "cache"
+    _leave_journal(server, inp, out, cache)
+    capsys.readouterr()
+    extra = []
+    if change == "parsing code":
+        import synth.job
+
+        monkeypatch.setattr(synth.job, "parser_code", lambda generator: "a fixed parser")
+    else:
+        extra = ["--reasoning", "inline"]
+    assert distill_main([*_generate(server, inp, out, cache), *extra]) == 1
+    line = _error(capsys)
+    assert "left by an interrupted run of another job" in line and "--restart" in line
+    received = server.received
+    assert distill_main([*_generate(server, inp, out, cache), *extra, "--restart"]) == 0
+    assert server.received - received <= 40 - 10, "the restart reuses every answer job A received"
+
+
 def test_restart_pays_nothing_for_cached_answers(tmp_path, server, capsys):
     inp, out, cache = write_prompts(tmp_path / "a.jsonl", 40), tmp_path / "out.jsonl", tmp_path / "cache"
     _leave_journal(server, inp, out, cache)
