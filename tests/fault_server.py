@@ -402,6 +402,9 @@ class FaultServer:
             choice: dict[str, Any] = {"index": i, "message": message, "finish_reason": finish, "logprobs": None}
             if k is not None:
                 toks = [w if j == 0 else " " + w for j, w in enumerate(words)]
+                if self.reasoning == "inline":  # the thinking is in the text, so it has logprobs too
+                    thought = THINKING.format(last=last).split(" ")
+                    toks = ["<think>\n", *(w if j == 0 else " " + w for j, w in enumerate(thought)), "\n</think>\n\n", *toks]
                 choice["logprobs"] = {"content": [_token_lp(t, j, int(k)) for j, t in enumerate(toks)]}
             choices.append(choice)
         return {

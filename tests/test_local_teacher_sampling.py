@@ -18,9 +18,8 @@ from synth.teachers.local import (
     _neutral_generation_config,
     _Row,
     _RowSampler,
-    spelled_by,
-    split_generated,
 )
+from synth.teachers.reasoning import spelled_by, split_generated
 from tests.tiny_models import make_tiny_llama, make_tokenizer
 
 torch = pytest.importorskip("torch")

@@ -20,7 +20,7 @@ from synth.records import Message, SFTExample, Provenance
 from synth.teachers import ChatRequest, PermanentTeacherError, SamplingParams, TeacherSettings
 from synth.teachers.base import ChatResponse, Completion, TokenLogprob
 from synth.teachers.openai_api import OpenAITeacher
-from synth.teachers.reasoning import answer_logprobs, split_reasoning
+from synth.teachers.reasoning import split_reasoning
 from tests.fault_server import REFUSAL, THINKING, fault_server
 
 
@@ -108,14 +108,21 @@ def test_reasoning_inline_writes_the_r1_distill_target_and_drop_trains_on_the_an
     assert sent == 1, "the mode shapes records only: the second run is answered from the cache"
 
 
-def test_split_reasoning_and_answer_logprobs():
+def test_split_reasoning():
     assert split_reasoning("<think>\nhm\n</think>\n\nAnswer: 4") == ("hm", "Answer: 4", 21)
     assert split_reasoning("hm</think>\nA") == ("hm", "A", 11), "R1 templates put <think> in the prompt"
     assert split_reasoning("<think>cut off here") == ("cut off here", "", 19)
     assert split_reasoning("plain answer") == (None, "plain answer", 0)
-    toks = [TokenLogprob(token=t, logprob=-0.1) for t in ["<think>", "hm", "</think>", "\n\n", "A", "nswer"]]
-    assert [t.token for t in answer_logprobs(toks, 19)] == ["A", "nswer"]
-    assert answer_logprobs(toks, 18) is None, "a token that straddles the answer's start aligns with neither part"
+
+
+
+def test_a_think_block_in_a_servers_text_keeps_logprobs_for_the_answer_only():
+    """A server without a reasoning parser: the thinking comes in the text, and its logprobs with it."""
+    with fault_server(reasoning="inline") as server:
+        [res] = ask(teacher(server), chat("What is 2+2?", logprobs=2))
+    (c,) = res.completions
+    assert c.reasoning == THINKING.format(last="What is 2+2?") and c.text.startswith("echo: What is 2+2?")
+    assert "".join(t.token for t in c.logprobs) == c.text, "the soft labels spell the answer, not the thinking"
 
 
 def test_answers_are_extracted_from_the_answer_never_the_reasoning():

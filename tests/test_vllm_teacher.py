@@ -348,3 +348,23 @@ def test_teacher_splits_a_think_block(fake_vllm, monkeypatch):
     [c] = res.completions
     assert (c.text, c.reasoning, c.reasoning_tokens) == ("yes", "let me see", len("<think>let me see</think>\n\n"))
     assert teacher.stats.reasoning_tokens == c.reasoning_tokens and teacher.stats.completion_tokens == c.completion_tokens
+
+
+def test_the_cache_identity_holds_what_decides_the_output(fake_vllm, tmp_path):
+    """Retrained weights at the same path, another dtype, quantization or context: never the old answers."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights v1")
+
+    def identity(**settings):
+        return build_teacher(TeacherSettings(backend="vllm", model=str(model), **settings)).cache_identity()
+
+    base = identity()
+    assert base["dtype"] == "auto" and "model_files" in base
+    assert identity(dtype="bfloat16") != base
+    assert identity(engine_args={"quantization": "fp8"}) != base
+    assert identity(engine_args={"max_model_len": 4096}) != base
+    assert identity(engine_args={"tensor_parallel_size": 2, "gpu_memory_utilization": 0.5}) == base, "speed only"
+    (model / "model.safetensors").write_bytes(b"weights v2, retrained")
+    assert identity() != base

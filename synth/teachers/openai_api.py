@@ -37,7 +37,7 @@ from synth.teachers.base import (
     Usage,
 )
 from synth.teachers.config import TeacherSettings
-from synth.teachers.reasoning import answer_logprobs, split_reasoning
+from synth.teachers.reasoning import split_generated, spelled_by
 from synth.teachers.retry import RetryPolicy, call_with_retries, error_for_status
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -432,11 +432,11 @@ class OpenAITeacher(Teacher):
         # DeepSeek, vLLM and llama.cpp name it reasoning_content; OpenRouter and others reasoning.
         reasoning = message.get("reasoning_content") or message.get("reasoning")
         reasoning = reasoning if isinstance(reasoning, str) and reasoning.strip() else None
-        if reasoning is None:
-            thought, answer, start = split_reasoning(text)
-            if thought is not None:  # a server without a reasoning parser: the thinking is in the text
-                reasoning, text = thought, answer
-                lps = answer_logprobs(lps, start) if lps is not None else None
+        if reasoning is None:  # a server without a reasoning parser: any thinking is in the text
+            split = split_generated(text, len(lps or ()), spelled_by([t.token for t in lps]) if lps is not None else None)
+            if split.reasoning is not None:
+                reasoning, text = split.reasoning, split.answer
+                lps = lps[split.reasoning_tokens :] if lps is not None and split.aligned else None
         # Usage is per request; with several choices and no logprobs to count (or logprobs
         # that skip the reasoning), split it evenly rather than invent precision.
         ntok = len(lps) if lps is not None and reasoning is None else usage.completion_tokens // choices

@@ -8,10 +8,7 @@ own field; local backends and servers without one return it in the text. Both en
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from synth.teachers.base import TokenLogprob
+from typing import Callable, NamedTuple, Sequence
 
 OPEN, CLOSE = "<think>", "</think>"
 _OPEN_AT_START = re.compile(r"^\s*<think>")
@@ -48,17 +45,41 @@ def inline(reasoning: str | None, answer: str) -> str:
     return f"{OPEN}\n{reasoning}\n{CLOSE}\n\n{answer}"
 
 
-def answer_logprobs(logprobs: list["TokenLogprob"], answer_at: int) -> list["TokenLogprob"] | None:
-    """The logprobs of the tokens from character `answer_at` of the text they spell on, or None when no token starts there.
+class ReasoningSplit(NamedTuple):
+    """A generated text cut into thinking and answer, and how many of its tokens the thinking part takes."""
 
-    A token that straddles the reasoning and the answer has no place in either: rather than
-    misalign soft labels with the answer's text, the answer gets none.
+    reasoning: str | None
+    answer: str
+    #: Tokens spelling the thinking, its tags and the gap before the answer.
+    reasoning_tokens: int
+    #: Whether those tokens end exactly where the answer starts (else per-token logprobs would misalign).
+    aligned: bool
+
+
+def split_generated(text: str, n_tokens: int, spell: Callable[[int], str] | None) -> ReasoningSplit:
+    """`text` (spelled by `n_tokens` tokens) split by `split_reasoning`, with the tokens of its thinking counted.
+
+    `spell(n)` is the text of the first n tokens: a prefix decode, or the first n pieces joined
+    (see `spelled_by`); None when the tokens are unknown (then the count is 0 and not aligned).
+    The count is the fewest tokens whose text reaches the answer's start; when a token spans
+    that start (say " The" after "</think>"), it is counted and `aligned` is False.
     """
-    spelled = 0
-    for i, token in enumerate(logprobs):
-        if spelled == answer_at:
-            return logprobs[i:]
-        if spelled > answer_at:
-            return None
-        spelled += len(token.token)
-    return [] if spelled == answer_at else None
+    reasoning, answer, answer_at = split_reasoning(text)
+    if answer_at == 0:
+        return ReasoningSplit(reasoning, answer, 0, True)
+    if spell is None:
+        return ReasoningSplit(reasoning, answer, 0, False)
+    # A prefix's text grows with its token count, so a binary search needs only ~log2(n) decodes.
+    lo, hi = 0, n_tokens
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(spell(mid)) >= answer_at:
+            hi = mid
+        else:
+            lo = mid + 1
+    return ReasoningSplit(reasoning, answer, lo, spell(lo) == text[:answer_at])
+
+
+def spelled_by(pieces: Sequence[str]) -> Callable[[int], str]:
+    """`spell(n)` for `split_generated` from per-token pieces: the first n pieces joined."""
+    return lambda n: "".join(pieces[:n])

@@ -14,6 +14,7 @@ import asyncio
 import functools
 import gc
 import threading
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from synth.errors import ConfigError
@@ -31,7 +32,8 @@ from synth.teachers.base import (
     Usage,
 )
 from synth.teachers.config import TeacherSettings
-from synth.teachers.local import split_generated, spelled_by
+from synth.teachers.reasoning import split_generated, spelled_by
+from synth.teachers.weights import directory_fingerprint
 
 INSTALL_HINT = "pip install 'blackbox-distill[vllm]'"
 DEFAULT_BATCH_SIZE = 256
@@ -40,6 +42,15 @@ DEFAULT_BATCH_SIZE = 256
 JsonField = tuple[str, Callable[..., Any]]
 #: Token ids → their text, as the engine detokenizes them.
 Decode = Callable[[list[int]], str]
+
+
+#: Engine arguments that change how fast the engine runs, or where, never what it answers.
+SPEED_ONLY_ARGS = frozenset({
+    "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "gpu_memory_utilization", "swap_space",
+    "cpu_offload_gb", "enforce_eager", "max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching",
+    "enable_chunked_prefill", "block_size", "disable_log_stats", "distributed_executor_backend", "max_seq_len_to_capture",
+    "disable_custom_all_reduce", "kv_cache_memory_bytes", "compilation_config",
+})
 
 
 def engine_kwargs(config: TeacherSettings) -> dict[str, Any]:
@@ -190,6 +201,7 @@ class VLLMTeacher(Teacher):
 
     def __init__(self, config: TeacherSettings):
         super().__init__(config.model)
+        self.config = config
         try:
             import vllm
             import vllm.sampling_params as sampling_module
@@ -209,6 +221,18 @@ class VLLMTeacher(Teacher):
         except Exception as exc:
             raise ConfigError(f"vllm could not load {config.model!r}: {_one_line(exc)}") from exc
         self._decode = _decoder(self._llm)
+
+    def cache_identity(self) -> dict[str, Any]:
+        """Model, weights and every engine argument that changes what is generated (dtype, quantization,
+        max_model_len, tokenizer, ...): another engine setup never answers from this one's cache."""
+        args = engine_kwargs(self.config)
+        identity: dict[str, Any] = {"backend": self.backend, "model": self.model}
+        identity.update({k: v for k, v in sorted(args.items()) if k != "model" and k not in SPEED_ONLY_ARGS})
+        for key in ("model", "tokenizer"):
+            path = Path(str(args.get(key, ""))).expanduser()
+            if path.is_dir():
+                identity[f"{key}_files"] = directory_fingerprint(path)
+        return identity
 
     @property
     def tokenizer_name(self) -> str | None:
