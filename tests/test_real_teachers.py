@@ -285,3 +285,16 @@ def test_an_r1_shaped_server_forwarding_to_llama_cpp(tmp_path, llama_server):
     assert rec["reasoning"].startswith("The user asks: What is the capital of France?")
     answer = rec["messages"][-1]["content"]
     assert answer.strip() and "The user asks" not in answer and "echo:" not in answer
+
+
+def test_http_soft_labels_carry_the_tokenizer_the_teacher_file_names(tmp_path):
+    teacher_file = tmp_path / "teacher.yaml"
+    with fault_server() as server:
+        teacher_file.write_text(f"backend: openai\nmodel: m\nbase_url: {server.base_url}\ntokenizer: Qwen/Qwen2.5-7B-Instruct\n")
+        inp = prompts(tmp_path / "in.jsonl", "hello there")
+        out = tmp_path / "out.jsonl"
+        done = run_cli("generate", "--teacher", str(teacher_file), "--input", str(inp), "--output", str(out), "--logprobs", "2", "--quiet",
+                       cache=tmp_path / "cache")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (rec,) = rows(out)
+    assert rec["soft_labels"]["tokenizer"] == "Qwen/Qwen2.5-7B-Instruct"

@@ -55,6 +55,11 @@ class TeacherSettings(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Local backends: weights dtype.")
     trust_remote_code: bool = Field(False, description="Local backends: run model code shipped with the checkpoint.")
     engine_args: dict[str, Any] = Field(default_factory=dict, description="vllm: extra keyword arguments for vllm.LLM.")
+    tokenizer: str | None = Field(
+        None,
+        description="openai: the teacher's tokenizer (a Hub name or a local directory), written into its soft labels so KD "
+        "can check that a student shares its vocabulary; an HTTP API's logprobs name token strings only.",
+    )
     price_per_mtok_in: float | None = Field(None, ge=0, description="Cost estimate: price per million prompt tokens.")
     price_per_mtok_out: float | None = Field(None, ge=0, description="Cost estimate: price per million completion tokens.")
 

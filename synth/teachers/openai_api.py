@@ -199,6 +199,11 @@ class OpenAITeacher(Teacher):
     def __repr__(self) -> str:
         return f"OpenAITeacher(model={self.model!r}, base_url={self.base_url!r})"
 
+    @property
+    def tokenizer_name(self) -> str | None:
+        """The tokenizer the teacher file names (`tokenizer:`), if any: an HTTP API does not say."""
+        return self.config.tokenizer
+
     def cache_identity(self) -> dict[str, Any]:
         """Backend, model and the credential-free base URL: another server may answer differently."""
         identity = {"backend": self.backend, "model": self.model, "base_url": self.base_url}
