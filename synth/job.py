@@ -58,6 +58,8 @@ class JobSummary:
     duplicates: int = 0
     #: Of completion_tokens, those a reasoning model spent thinking.
     reasoning_tokens: int = 0
+    #: What the tokens sent cost, from the teacher's prices (None without them).
+    cost: float | None = None
 
 
 def parser_code(generator: Generator) -> str:
@@ -156,7 +158,6 @@ def run_job(
     output = Path(output)
     check_output(output, [source] if isinstance(source, (str, Path)) else [])
     owned = isinstance(teacher, TeacherSettings)
-    prices = (teacher.price_per_mtok_in, teacher.price_per_mtok_out) if owned else (None, None)
     if owned:
         teacher = build_teacher(teacher)
     generator = make_generator(teacher)
@@ -194,7 +195,7 @@ def run_job(
         async def main() -> None:
             try:
                 with _stop_on_signals(runner):
-                    async with ProgressLine(label, cached, counts, enabled=settings.progress, prices=prices):
+                    async with ProgressLine(label, cached, counts, enabled=settings.progress):
                         tasks = (generator.make_task(item, where) for where, item in items())
                         await runner.run(tasks, generator.outcome)
             finally:
@@ -240,6 +241,7 @@ def run_job(
         prompt_tokens=s.prompt_tokens - stats_before.prompt_tokens,
         completion_tokens=s.completion_tokens - stats_before.completion_tokens,
         reasoning_tokens=s.reasoning_tokens - stats_before.reasoning_tokens,
+        cost=teacher.prices.cost(s.prompt_tokens - stats_before.prompt_tokens, s.completion_tokens - stats_before.completion_tokens),
         seconds=time.monotonic() - started,
         teacher_errors=counts.failed,
         duplicates=counts.duplicates,

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 from rich.console import Console
 from rich.live import Live
 from rich.text import Text
+
+from synth.teachers.base import TeacherStats
 
 
 @dataclass
@@ -30,27 +32,34 @@ class JobCounts:
 class ProgressLine:
     """Redraws one status line on a terminal, or logs one every `log_every` seconds elsewhere."""
 
-    def __init__(self, label: str, teacher, counts: JobCounts, *, enabled: bool = True, prices=(None, None), log_every: float = 10.0):
+    def __init__(self, label: str, teacher, counts: JobCounts, *, enabled: bool = True, log_every: float = 10.0):
         self.label = label
         self.teacher = teacher
         self.counts = counts
         self.enabled = enabled
-        self.prices = prices
         self.log_every = log_every
         self.console = Console(stderr=True, soft_wrap=True)
         self.start = time.monotonic()
+        # A teacher serves every stage of a pipeline: this line counts this job's share only.
+        self.before = replace(teacher.stats)
+        self.hits_before = teacher.cache_stats.hits
         self._task: asyncio.Task | None = None
+
+    def stats(self) -> TeacherStats:
+        """The teacher's counters since this job started."""
+        now, then = self.teacher.stats, self.before
+        return TeacherStats(**{f.name: getattr(now, f.name) - getattr(then, f.name) for f in fields(TeacherStats)})
 
     def render(self) -> str:
         """The status line as text."""
-        c, s = self.counts, self.teacher.stats
+        c, s = self.counts, self.stats()
         elapsed = max(time.monotonic() - self.start, 1e-9)
         total = f"/{c.total}" if c.total is not None else ""
         parts = [
             f"{self.label} {c.done + c.skipped + c.duplicates}{total} tasks",
             f"{s.requests_sent / elapsed:.1f} req/s",
             f"{s.prompt_tokens + s.completion_tokens:,} tok" + (f" ({s.reasoning_tokens:,} reasoning)" if s.reasoning_tokens else ""),
-            f"cached {self.teacher.cache_stats.hits}",
+            f"cached {self.teacher.cache_stats.hits - self.hits_before}",
             f"retries {s.retries}",
             f"records {c.records}",
             f"rejects {c.rejects}",
@@ -65,12 +74,9 @@ class ProgressLine:
         return " | ".join(parts)
 
     def cost(self) -> float | None:
-        """Estimated spend so far, when prices are configured."""
-        pin, pout = self.prices
-        if pin is None and pout is None:
-            return None
-        s = self.teacher.stats
-        return (s.prompt_tokens * (pin or 0) + s.completion_tokens * (pout or 0)) / 1e6
+        """Estimated spend of this job so far, when the teacher has prices."""
+        s = self.stats()
+        return self.teacher.prices.cost(s.prompt_tokens, s.completion_tokens)
 
     async def __aenter__(self) -> "ProgressLine":
         if self.enabled:

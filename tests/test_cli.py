@@ -50,7 +50,7 @@ def test_generate_with_the_embedded_teacher_stores_soft_labels(tmp_path):
     prompts.write_text(json.dumps({"question": "What is 2 + 3?", "answer": "#### 5"}) + "\n")
     out = tmp_path / "out.jsonl"
     args = ["generate", "--template", "label/cot", "--input", str(prompts), "--output", str(out),
-            "-n", "2", "--temperature", "0.8", "--seed", "1", "--max-tokens", "12", "--logprobs", "3", "--quiet"]
+            "-n", "2", "--temperature", "0.8", "--seed", "1", "--max-tokens", "12", "--logprobs", "3", "--keep-truncated", "--quiet"]
     result = distill(*args, cache=tmp_path / "cache")
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -81,7 +81,7 @@ def test_generate_through_llama_cpp_server(llama_server, tmp_path):
     prompts.write_text(json.dumps({"prompt": "What is the capital of France? Answer in one word."}) + "\n")
     out = tmp_path / "out.jsonl"
     result = distill("generate", "--teacher", f"openai:smollm2@{llama_server}", "--input", str(prompts), "--output", str(out),
-                     "-n", "2", "--seed", "3", "--max-tokens", "8", "--logprobs", "2", "--quiet", cache=tmp_path / "cache")
+                     "-n", "2", "--seed", "3", "--max-tokens", "8", "--logprobs", "2", "--keep-truncated", "--quiet", cache=tmp_path / "cache")
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 2

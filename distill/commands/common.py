@@ -204,6 +204,20 @@ def read_json_schema(path: Path) -> dict:
     return schema
 
 
+def teacher_line(summaries: Collection[JobSummary], who: str = "teacher", after: str = "") -> str:
+    """What the jobs asked a teacher and what it cost: requests, cache hits, retries, tokens, the price, the time."""
+    total = {k: sum(getattr(x, k) for x in summaries) for k in
+             ("requests_sent", "cache_hits", "retries", "prompt_tokens", "completion_tokens", "reasoning_tokens", "seconds")}  # fmt: skip
+    costs = [x.cost for x in summaries if x.cost is not None]
+    reasoning = f" ({total['reasoning_tokens']:,} of them reasoning)" if total["reasoning_tokens"] else ""
+    cost = f", ${sum(costs):.4f}" if costs else ""
+    return (
+        f"{who}: {total['requests_sent']} requests sent, {total['cache_hits']} samples from cache, {total['retries']} retries, "
+        f"{total['prompt_tokens']:,} prompt + {total['completion_tokens']:,} completion tokens{reasoning}{cost} "
+        f"in {total['seconds']:.1f} s{after}"
+    )
+
+
 def print_summary(s: JobSummary) -> None:
     """Where the output went and what it cost."""
     print(f"wrote {s.records} records to {s.output}")
@@ -212,16 +226,9 @@ def print_summary(s: JobSummary) -> None:
     if s.duplicates:
         plural = "s" if s.duplicates > 1 else ""
         resumed += f", {s.duplicates} duplicate input{plural} (the same task as an earlier line) done once"
-    print(
-        f"teacher: {s.requests_sent} requests sent, {s.cache_hits} samples from cache, {s.retries} retries, "
-        f"{s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion tokens{_reasoning_part(s)} in {s.seconds:.1f} s{resumed}"
-    )
+    print(teacher_line([s], after=resumed))
     if s.teacher_errors:
         print(f"warning: {s.teacher_errors} inputs failed at the teacher (see the rejects); rerun the same command to retry them")
-
-
-def _reasoning_part(s: JobSummary) -> str:
-    return f" ({s.reasoning_tokens:,} of them reasoning)" if s.reasoning_tokens else ""
 
 
 def print_stages(result: StagedResult) -> None:
@@ -233,6 +240,6 @@ def print_stages(result: StagedResult) -> None:
     print(f"rejects: {len(result.rejects)} in {result.rejects_path}")
     for reason, count in result.reasons():
         print(f"  {count} {reason}")
-    print(f"teachers: {result.requests_sent} requests sent, {result.cache_hits} samples from cache; stage files in {result.stage_dir}")
+    print(teacher_line([x for _, x in result.stages], "teachers", f"; stage files in {result.stage_dir}"))
     if result.teacher_errors:
         print(f"warning: {result.teacher_errors} items failed at a teacher (see the rejects); rerun the same command to retry them")

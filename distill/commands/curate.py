@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from distill.commands.common import CACHE_KEYS, TEACHER_KEYS, Runnable, add_cache_flags, add_teacher_flags, job_output, config_keys, pipeline_settings
+from distill.commands.common import CACHE_KEYS, TEACHER_KEYS, Runnable, add_cache_flags, add_teacher_flags, job_output, config_keys, pipeline_settings, teacher_line
 from distill.config_flags import add_config_flags
 from synth.pipelines.curate import CurateResult, CurateSettings, run as run_curate
 from synth.pipelines.stages import PIPELINE_FIELDS
@@ -62,15 +62,7 @@ def print_result(r: CurateResult) -> None:
     print(f"rejects: {r.rejected} in {r.rejects}")
     print(f"coverage: {r.coverage_json} and {r.coverage_md} ({r.empty_cells} of {r.cells} cells without records)")
     stages = r.stages.values()
-    sent = sum(s.requests_sent for s in stages)
-    hits = sum(s.cache_hits for s in stages)
-    tokens_in = sum(s.prompt_tokens for s in stages)
-    tokens_out = sum(s.completion_tokens for s in stages)
-    seconds = sum(s.seconds for s in stages)
-    print(
-        f"teacher: {sent} requests sent, {hits} samples from cache, {tokens_in:,} prompt + {tokens_out:,} completion tokens "
-        f"in {seconds:.1f} s over stages {', '.join(r.stages)}"
-    )
+    print(teacher_line(list(stages), after=f" over stages {', '.join(r.stages)}"))
     errors = sum(s.teacher_errors for s in stages)
     if errors:
         print(f"warning: {errors} requests failed at the teacher (see the rejects); rerun the same command to retry them")

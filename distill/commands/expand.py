@@ -14,6 +14,7 @@ from distill.commands.common import (
     job_output,
     config_keys,
     pipeline_settings,
+    teacher_line,
 )
 from distill.config_flags import add_config_flags
 from synth.pipelines import evol, self_instruct
@@ -108,13 +109,7 @@ def print_result(r: ExpandResult) -> None:
         print(f"  {count:6d}  {reason}")
     print(r.dedup.line())
     stages = r.stages.values()
-    tokens_in = sum(s.prompt_tokens for s in stages)
-    tokens_out = sum(s.completion_tokens for s in stages)
-    seconds = sum(s.seconds for s in stages)
-    print(
-        f"teacher: {r.requests_sent} requests sent, {r.cache_hits} samples from cache, {tokens_in:,} prompt + "
-        f"{tokens_out:,} completion tokens in {seconds:.1f} s over {len(r.stages)} stages"
-    )
+    print(teacher_line(list(stages), after=f" over {len(r.stages)} stages"))
     errors = sum(s.teacher_errors for s in stages)
     if errors:
         print(f"warning: {errors} requests failed at the teacher (see the rejects); rerun the same command to retry them")

@@ -18,6 +18,7 @@ from distill.commands.common import (
     config_keys,
     limit_type,
     pipeline_settings,
+    teacher_line,
 )
 from distill.config_flags import add_config_flags, model_flag_type
 from synth.pipelines.label import LabelResult, LabelSettings, run as run_label
@@ -82,10 +83,7 @@ def print_result(r: LabelResult) -> None:
     detail = ", ".join(f"{kind}: {count}" for kind, count in sorted(r.reasons.items(), key=lambda kv: (-kv[1], kv[0])))
     print(f"rejects: {sum(r.reasons.values())} in {r.rejects}" + (f" ({detail})" if detail else ""))
     for name, s in zip(r.teachers, r.summaries):
-        print(
-            f"teacher {redact(name)}: {s.requests_sent} requests sent, {s.cache_hits} samples from cache, {s.retries} retries, "
-            f"{s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion tokens in {s.seconds:.1f} s"
-        )
+        print(teacher_line([s], f"teacher {redact(name)}"))
     failed = sum(s.teacher_errors for s in r.summaries)
     if failed:
         print(f"warning: {failed} requests failed at a teacher (see the rejects); rerun the same command to retry them")

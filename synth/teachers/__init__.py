@@ -8,6 +8,7 @@ from synth.teachers.base import (
     ChatResponse,
     Completion,
     PermanentTeacherError,
+    Prices,
     SamplingParams,
     Teacher,
     TeacherError,
@@ -20,18 +21,23 @@ from synth.teachers.config import TeacherSettings, TeacherOverrides, parse_teach
 
 
 def build_teacher(config: TeacherSettings) -> Teacher:
-    """Build the teacher a config describes; heavy backends are imported only when asked for."""
+    """Build the teacher a config describes, carrying its prices; heavy backends are imported only when asked for."""
+    teacher: Teacher
     if config.backend == "openai":
         from synth.teachers.openai_api import OpenAITeacher
 
-        return OpenAITeacher(config)
-    if config.backend == "vllm":
+        teacher = OpenAITeacher(config)
+    elif config.backend == "vllm":
         from synth.teachers.vllm_engine import VLLMTeacher
 
-        return VLLMTeacher(config)
-    from synth.teachers.local import TransformersTeacher
+        teacher = VLLMTeacher(config)
+    else:
+        from synth.teachers.local import TransformersTeacher
 
-    return TransformersTeacher(config)
+        teacher = TransformersTeacher(config)
+    # On the teacher, not beside its config: every job it serves (one per pipeline stage) shows what it costs.
+    teacher.prices = Prices(config.price_per_mtok_in, config.price_per_mtok_out)
+    return teacher
 
 
 __all__ = [
@@ -40,6 +46,7 @@ __all__ = [
     "ChatResponse",
     "Completion",
     "PermanentTeacherError",
+    "Prices",
     "SamplingParams",
     "Teacher",
     "TeacherSettings",

@@ -177,6 +177,20 @@ class TeacherStats:
     reasoning_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class Prices:
+    """What a teacher's tokens cost, per million (None: not given)."""
+
+    prompt: float | None = None
+    completion: float | None = None
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float | None:
+        """The cost of these tokens (reasoning tokens are completion tokens), or None without prices."""
+        if self.prompt is None and self.completion is None:
+            return None
+        return (prompt_tokens * (self.prompt or 0) + completion_tokens * (self.completion or 0)) / 1e6
+
+
 class Capabilities(BaseModel):
     """What an endpoint supports, as probed by `distill teacher check`."""
 
@@ -196,6 +210,8 @@ class Teacher(abc.ABC):
     batch_size: int = 1
     #: `generate` calls the runner keeps in flight at once.
     concurrency: int = 1
+    #: Prices from the teacher's config (see build_teacher).
+    prices: Prices = Prices()
 
     def __init__(self, model: str):
         self.model = model

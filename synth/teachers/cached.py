@@ -28,6 +28,7 @@ class CachedTeacher(Teacher):
         self.backend = inner.backend
         self.batch_size = inner.batch_size
         self.concurrency = inner.concurrency
+        self.prices = inner.prices
         self.stats = inner.stats
         self.cache_stats = CacheStats()
         self._identity = inner.cache_identity()
