@@ -24,7 +24,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """Two random tiny Llamas, three GSM8K-like prompts and one response cache shared by the module."""
+    """Two random tiny Llamas and three GSM8K-like prompts, shared by the module (each test has its own response cache)."""
     root = tmp_path_factory.mktemp("eval")
     students = []
     for seed in (0, 1):
@@ -36,13 +36,13 @@ def setup(tmp_path_factory):
         students.append(path)
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
-    return {"root": root, "students": students, "prompts": prompts, "cache": root / "cache"}
+    return {"root": root, "students": students, "prompts": prompts}
 
 
 def config(setup, out, **kw) -> EvalSettings:
     base = dict(
         students=[str(p) for p in setup["students"]], teacher="embedded", prompts=setup["prompts"], output_dir=out,
-        max_new_tokens=4, teacher_max_tokens=16, cache_dir=setup["cache"], template=None,
+        max_new_tokens=4, teacher_max_tokens=16, cache_dir=out.parent / "cache", template=None,
     )  # fmt: skip
     return EvalSettings(**(base | kw))
 
@@ -85,7 +85,7 @@ def test_judge_with_order_swap_and_a_free_rerun_on_the_command_line(setup, tmp_p
     argv = [
         "eval", "--students", str(setup["students"][0]), "--prompts", str(setup["prompts"]), "--limit", "2",
         "--max-new-tokens", "4", "--teacher-max-tokens", "16", "--judge", "embedded", "--judge-max-tokens", "4",
-        "--cache-dir", str(setup["cache"]), "--output-dir", str(out), "--template", "none",
+        "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(out), "--template", "none",
     ]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out

@@ -79,8 +79,8 @@ def test_recipe_runs_skips_when_unchanged_and_reruns_from_a_stage(tmp_path, tiny
     assert fault_server.received == 6, "a forced rerun still answers from the cache"
 
 
-def test_typos_and_unknown_refs_fail_before_any_work(tmp_path, tiny):
-    os.environ["STEPS"] = "1"
+def test_typos_and_unknown_refs_fail_before_any_work(tmp_path, tiny, monkeypatch):
+    monkeypatch.setenv("STEPS", "1")
     bad_key = write_recipe(tmp_path, "http://127.0.0.1:9/v1", tiny, extra="    lerning_rate: 0.1\n")
     with pytest.raises(ConfigError, match=r"stage 'sft' \(train sft\): unknown key 'lerning_rate'"):
         load_recipe(bad_key)
@@ -122,8 +122,8 @@ def test_a_stage_that_reads_another_kind_of_record_than_its_source_writes_fails_
     assert len(load_recipe(recipe(label, "  - name: grpo\n    command: train grpo\n    data: '@label'\n")).stages) == 2, "RL reads any prompts"
 
 
-def test_var_and_set_override_the_recipe_and_are_checked_like_it(tmp_path, tiny):
-    os.environ["STEPS"] = "1"
+def test_var_and_set_override_the_recipe_and_are_checked_like_it(tmp_path, tiny, monkeypatch):
+    monkeypatch.setenv("STEPS", "1")
     recipe = write_recipe(tmp_path, "http://127.0.0.1:9/v1", tiny)
     loaded = load_recipe(recipe, {"out": str(tmp_path / "elsewhere")}, parse_assignments(["sft.max_steps=7", "answers.quiet=false"], "--set", dotted=True))
     sft = next(s for s in loaded.stages if s.name == "sft")
