@@ -7,7 +7,7 @@ concurrent connections cost one coroutine each (the throughput benchmark reuses 
 Faults come from `script` (a list consumed one entry per request) or from a
 directive in the last user message: `!fault=NAME` or `!fault=NAME*K` (the first K
 requests carrying that exact message get the fault, later ones succeed). Names:
-`429` (with Retry-After: `retry_after`), `500`, `503`, `400`, `stall` (no answer
+`429` (with Retry-After: `retry_after`), `408` (Request Timeout, an OpenAI-style error body), `500`, `503`, `400`, `stall` (no answer
 for `stall_s`), `drop` (close the socket without a response), `badjson` (200 with
 a broken JSON body), `truncated` (200 whose body stops mid-JSON, short of its
 Content-Length, then the socket closes), `empty` (200 with no choices), `ok`; and the answers that are not answers, each in its
@@ -24,7 +24,9 @@ sample was answered twice (paid twice), and how often each logical request
 (messages, seed, n) was tried (its retries).
 
 A good answer echoes deterministically: `echo: <last user message> #<seed + i>`
-for choice i (`#c<i>` without a seed), with word-count usage, `n` honoured unless
+for choice i (`#c<i>` without a seed; `answer_suffix` appended, inside the `echo` field of a JSON
+answer), or the fixed text `replies` maps to the first of its substrings found in the last user
+message (both may be changed between runs, to make a second run's answers differ), with word-count usage, `n` honoured unless
 `honor_n=False`, and fake logprobs when asked for. `json_schema=False` refuses
 that response format with a 500 (as llama.cpp does), `json_object=False` with a 400;
 `strict_schemas=True` refuses, as OpenAI's strict mode does, a json_schema whose objects do not
@@ -53,7 +55,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-FAULTS = {"429", "500", "503", "400", "stall", "drop", "badjson", "truncated", "empty", "ok",
+FAULTS = {"429", "408", "500", "503", "400", "stall", "drop", "badjson", "truncated", "empty", "ok",
           "refusal", "content_filter", "tool_calls", "context"}
 #: What the reasoning of an answer says (a reasoning server's thinking, before the answer).
 THINKING = "The user asks: {last}. Let me think it through step by step, then answer."
@@ -61,7 +63,7 @@ REFUSAL = "I'm sorry, but I can't help with that request."
 #: Faults a real teacher shows now and then, all worth retrying: what `fault_rate` draws from.
 TRANSIENT_FAULTS = ("429", "500", "503", "stall", "drop", "badjson", "truncated", "empty")
 _DIRECTIVE = re.compile(r"!fault=(\w+)(?:\*(\d+))?")
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 408: "Request Timeout", 429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
 
 
 class FaultServer:
@@ -83,7 +85,13 @@ class FaultServer:
         reasoning_model: bool = False,
         strict_schemas: bool = False,
         upstream: str | None = None,
+        answer_suffix: str = "",
+        replies: dict[str, str] | None = None,
     ):
+        #: Appended to every good echo answer's text (inside the `echo` field of a JSON answer).
+        self.answer_suffix = answer_suffix
+        #: Substring of the last user message -> the fixed text every choice of its good answer says.
+        self.replies: dict[str, str] = dict(replies or {})
         self.reasoning = reasoning
         self.reasoning_model = reasoning_model
         self.strict_schemas = strict_schemas
@@ -165,6 +173,19 @@ class FaultServer:
         """`time.monotonic()` at which each chat request was read."""
         with self._lock:
             return list(self._times)
+
+    def wait_idle(self, timeout: float = 30.0) -> None:
+        """Return once every connection is closed and handled: after a client is killed, what it had sent is counted.
+
+        A dead client's requests are in the server's socket buffers the moment it dies (loopback); each
+        connection's handler reads them, counts them and ends on the closed socket, so no handler left
+        means nothing left to count. No fixed sleep: it waits on that condition, with a deadline.
+        """
+        deadline = time.monotonic() + timeout
+        while self._tasks:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(self._tasks)} connections still open after {timeout} s")
+            time.sleep(0.005)
 
     def reset(self) -> None:
         """Zero the counters and forget the per-message fault budgets."""
@@ -286,6 +307,8 @@ class FaultServer:
             return False
         if fault == "429":
             await self._send(writer, 429, _error("rate limited", "rate_limit_exceeded"), {"retry-after": f"{self.retry_after:g}"})
+        elif fault == "408":
+            await self._send(writer, 408, _error("Request timed out before the server finished reading it.", "timeout", code="request_timeout"))
         elif fault in ("500", "503"):
             await self._send(writer, int(fault), _error(f"injected {fault}", "server_error"))
         elif fault == "400":
@@ -379,13 +402,16 @@ class FaultServer:
         k = req.get("top_logprobs") if req.get("logprobs") else None
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in req.get("messages", []))
         choices, total = [], 0
+        fixed = next((text for part, text in self.replies.items() if part in last), None)
         for i in range(n):
             tag = _tag(req, i)
-            text = f"echo: {last} #{tag}"
+            text = f"echo: {last} #{tag}{self.answer_suffix}"
             if "upstream" in req:
                 text = req["upstream"][i % len(req["upstream"])]
+            elif fixed is not None:
+                text = fixed
             elif rf in ("json_object", "json_schema"):
-                text = json.dumps({"echo": last, "tag": tag})
+                text = json.dumps({"echo": last + self.answer_suffix, "tag": tag})
             words = text.split(" ")
             finish = "length" if len(words) > max_tokens else "stop"
             words = words[:max_tokens]
