@@ -18,7 +18,7 @@ a `tool_calls` list, `finish_reason: "tool_calls"`), `context` (OpenAI's 400
 With `fault_rate` > 0, requests that neither the script nor a directive decide get
 a fault drawn at random from `fault_kinds` (seeded by `fault_seed`) that often.
 
-Counters: requests received and good answers sent, in all and per distinct sample
+Counters: requests received and good answers sent (and the tokens their `usage` billed), in all and per distinct sample
 (the messages plus the seed tag of each choice), so a test can tell whether any
 sample was answered twice (paid twice), and how often each logical request
 (messages, seed, n) was tried (its retries).
@@ -120,6 +120,7 @@ class FaultServer:
         self._answered: dict[str, int] = {}
         self._answer_text: dict[str, str] = {}
         self._tries: dict[str, int] = {}
+        self._usage_sent = [0, 0]
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -187,6 +188,11 @@ class FaultServer:
                 raise TimeoutError(f"{len(self._tasks)} connections still open after {timeout} s")
             time.sleep(0.005)
 
+    def usage_sent(self) -> tuple[int, int]:
+        """(prompt, completion) tokens in the `usage` of every 200 completion sent: what a client was billed."""
+        with self._lock:
+            return self._usage_sent[0], self._usage_sent[1]
+
     def reset(self) -> None:
         """Zero the counters and forget the per-message fault budgets."""
         with self._lock:
@@ -198,6 +204,7 @@ class FaultServer:
             self._answered.clear()
             self._answer_text.clear()
             self._tries.clear()
+            self._usage_sent = [0, 0]
             self.script = []
 
     @property
@@ -327,9 +334,11 @@ class FaultServer:
                        "Please reduce the length of the messages.")
             await self._send(writer, 400, _error(message, "invalid_request_error", param="messages", code="context_length_exceeded"))
         elif fault in ("refusal", "content_filter", "tool_calls"):
-            await self._send(writer, 200, json.dumps(_not_an_answer(fault, req)).encode())
+            body = _not_an_answer(fault, req)
+            await self._send(writer, 200, json.dumps(body).encode())
             with self._lock:
                 self._completed += 1
+                self._bill(body["usage"])
         elif fault == "badjson":
             await self._send(writer, 200, b'{"id": "x", "choices": [{"index": 0, "mess')
         elif fault == "empty":
@@ -361,12 +370,18 @@ class FaultServer:
             await self._send(writer, 200, json.dumps(answer).encode())
             with self._lock:
                 self._completed += 1
+                self._bill(answer["usage"])
                 # Counted once the bytes are handed to the socket: from here on the sample is paid for.
                 for i, choice in enumerate(answer["choices"]):
                     key = _sample_key(req, _tag(req, i))
                     self._answered[key] = self._answered.get(key, 0) + 1
                     self._answer_text[key] = choice["message"]["content"]
         return True
+
+    def _bill(self, usage: dict[str, Any]) -> None:
+        """Count a sent answer's usage (the caller holds the lock)."""
+        self._usage_sent[0] += usage["prompt_tokens"]
+        self._usage_sent[1] += usage["completion_tokens"]
 
     def _record(self, req: dict[str, Any]) -> str:
         last = _last_user(req)

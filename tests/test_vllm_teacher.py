@@ -182,7 +182,12 @@ def test_to_chat_response_rejects_wrong_sample_count():
 
 
 class FakeLLM:
-    """Answers like vllm.LLM; a conversation saying "boom" fails the whole call, as vLLM's validation does."""
+    """Answers like vllm.LLM; a conversation saying "boom" fails the whole call, as vLLM's validation does.
+
+    Each answer's text is `<last message>#<its seed>`. With a seed, vLLM seeds parallel sample i of a
+    request with seed + i (vLLM's ParentRequest gives child i `seed + i`), so an n=2 request's samples
+    differ; without one the seed is None.
+    """
 
     def __init__(self, **kwargs):
         self.kwargs = kwargs
@@ -195,12 +200,17 @@ class FakeLLM:
             raise ValueError("prompt too long\nsecond line")
         return [
             SimpleNamespace(prompt_token_ids=[0] * len(conv), outputs=[
-                SimpleNamespace(index=i, text=f"{conv[-1]['content']}#{sp.kw.get('seed')}", token_ids=[1, 2],
+                SimpleNamespace(index=i, text=f"{conv[-1]['content']}#{_child_seed(sp.kw.get('seed'), i)}", token_ids=[1, 2],
                                 finish_reason="stop", logprobs=None)
                 for i in range(sp.kw["n"])
             ])
             for conv, sp in zip(conversations, sampling_params)
         ]
+
+
+def _child_seed(seed, i):
+    """The seed vLLM gives parallel sample i of a request seeded `seed`: seed + i (None stays None)."""
+    return None if seed is None else seed + i
 
 
 @pytest.fixture
@@ -234,7 +244,7 @@ def test_teacher_batches_and_isolates_failures(fake_vllm):
     results = asyncio.run(teacher.generate(requests))
     assert teacher._llm.calls == [3, 1, 1, 1]  # the batch, then one by one after it failed
     first = requests[0].sample_seed(3)  # the seed of sample 3 of that request
-    assert [c.text for c in results[0].completions] == [f"a#{first}", f"a#{first}"]
+    assert [c.text for c in results[0].completions] == [f"a#{first}", f"a#{first + 1}"], "sample i is seeded seed + i, as in vLLM"
     assert isinstance(results[1], PermanentTeacherError) and "\n" not in results[1].message
     assert results[2].completions[0].text == "c#None"
     assert (teacher.stats.requests_sent, teacher.stats.requests_ok, teacher.stats.errors) == (3, 2, 1)
