@@ -88,7 +88,7 @@ def test_kill_9_then_rerun_sends_only_what_was_missing(tmp_path):
         assert not out.exists(), "a killed job leaves no output file, only its journal"
         stored = ResponseCache(cache).count()
         assert 40 <= stored < 150
-        time.sleep(0.3)  # requests the dead client had in flight reach the server and are counted
+        server.wait_idle()  # what the dead client had sent reaches the server and is counted
         sent_before = server.received
 
         rerun = run_cli(*args, cache=cache)

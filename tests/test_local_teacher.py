@@ -147,13 +147,20 @@ def test_cache_identity_changes_with_the_weights(tmp_path):
 
 def test_conversion_runs_once_and_replaces_a_half_done_one(tmp_path, monkeypatch):
     monkeypatch.setenv("BBD_CACHE_DIR", str(tmp_path))
-    calls = []
+    calls, arrived = [], threading.Semaphore(0)
+    real_lock = embedded._exclusive_lock
+
+    def counting_lock(path):
+        arrived.release()  # this thread found no conversion and goes for the lock
+        return real_lock(path)
 
     def fake_convert(gguf, out_dir):
         calls.append(out_dir)
-        time.sleep(0.3)  # long enough for the other thread to wait on the lock
+        # Convert only once both threads are at the lock: the other one must wait, then reuse this result.
+        assert arrived.acquire(timeout=30) and arrived.acquire(timeout=30), "the second thread never reached the lock"
         (out_dir / "config.json").write_text("{}")
 
+    monkeypatch.setattr(embedded, "_exclusive_lock", counting_lock)
     monkeypatch.setattr(embedded, "convert_gguf", fake_convert)
     models = tmp_path / "models"
     # What a killed conversion leaves: a temp dir, and a target without the marker.

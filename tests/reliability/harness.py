@@ -191,7 +191,7 @@ def kill_and_resume(
         if out.exists():
             # Killed while finalizing: what is there must be whole (renamed into place, never written in place).
             assert check_output(out).truncated == 0
-        time.sleep(0.2)  # what the dead client had in flight reaches the server and is counted
+        server.wait_idle()  # what the dead client had sent reaches the server and is counted
         lost = ledger.after_kill()
         report.in_flight_lost += lost
         report.max_in_flight_lost = max(report.max_in_flight_lost, lost)
