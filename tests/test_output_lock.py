@@ -35,13 +35,11 @@ def test_a_second_generate_on_the_same_output_stops_at_once_and_the_first_keeps_
         args = ["generate", "--teacher", f"openai:m@{server.base_url}", "--input", str(inp), "--output", str(out), "--concurrency", "1", "--quiet"]
         first = distill(*args, cache=tmp_path / "cache1")
         wait_for(lambda: server.completed >= 2)  # the first is writing its journal now
-        start = time.monotonic()
         second = distill(*args, cache=tmp_path / "cache2")
         _, err = second.communicate(timeout=60)
-        took = time.monotonic() - start
+        assert first.poll() is None, "the second stopped at once, while the first was still working"
         assert second.returncode == 1
         assert f"{out}: another process (pid {first.pid}) is writing this output" in err and "Traceback" not in err
-        assert took < 20, "at once: before any request"  # interpreter start-up only, far less than the first job's 3 s
         stdout, stderr = first.communicate(timeout=120)
     assert first.returncode == 0, stderr
     assert "wrote 30 records" in stdout

@@ -69,7 +69,7 @@ def test_stall_past_timeout_is_retried(fault_server):
     t0 = time.monotonic()
     [res] = ask(teacher, "slow !fault=stall*1")
     assert res.completions[0].text.startswith("echo: slow")
-    assert 0.5 <= time.monotonic() - t0 < 5
+    assert 0.5 <= time.monotonic() - t0 < fault_server.stall_s, "abandoned at the timeout, not after the stall"
     assert fault_server.received == 2 and teacher.stats.retries == 1
 
 
@@ -172,10 +172,9 @@ def test_capabilities_against_a_capable_server(fault_server):
 def test_concurrency_limit_and_many_connections(fault_server):
     fault_server.latency = 0.2
     teacher = make_teacher(fault_server, concurrency=300)
-    t0 = time.monotonic()
     results = ask(teacher, *[f"m{i}" for i in range(300)])
     assert all(r.completions[0].text == f"echo: m{i} #c0" for i, r in enumerate(results))
-    assert time.monotonic() - t0 < 10 and fault_server.max_in_flight > 100
+    assert fault_server.max_in_flight > 100, "the requests were in flight together"
     fault_server.reset()
     teacher = make_teacher(fault_server, concurrency=4)
     ask(teacher, *[f"k{i}" for i in range(12)])
