@@ -232,3 +232,24 @@ def test_local_generation_splits_a_think_block(tmp_path):
     # Logprobs cover the answer's tokens only, and spell it.
     assert [lp.id for lp in c.logprobs] == script[thinking:-1]
     assert "".join(lp.token for lp in c.logprobs) == c.text
+
+
+# --- a row's answer does not depend on its batch mates --------------------------
+
+
+def test_batched_left_padded_rows_equal_each_row_alone(tmp_path):
+    """Prompts of very different lengths share a left-padded batch: each gets the text and logprobs it gets alone."""
+    teacher = load(make_tiny_llama(tmp_path / "tiny"))
+    questions = ["Hi", "Tell me, in a few words, why the sky looks blue on a clear afternoon in summer.", "2+2?"]
+    requests = [ask(q, temperature=0, max_tokens=12, logprobs=2) for q in questions]
+    requests.append(ask(questions[0], temperature=0.9, seed=5, max_tokens=12, logprobs=2))  # a seeded sample too
+    together = asyncio.run(teacher.generate(requests))
+    teacher.batch_size = 1
+    alone = [asyncio.run(teacher.generate([r]))[0] for r in requests]
+    assert len({len(teacher._encode(r)) for r in requests}) > 2, "the batch really needs padding"
+    for a, b in zip(together, alone):
+        (x,), (y,) = a.completions, b.completions
+        assert x.text == y.text and [t.id for t in x.logprobs] == [t.id for t in y.logprobs]
+        assert [t.logprob for t in x.logprobs] == pytest.approx([t.logprob for t in y.logprobs], abs=1e-4)
+        assert [[c.id for c in t.top] for t in x.logprobs] == [[c.id for c in t.top] for t in y.logprobs]
+    asyncio.run(teacher.aclose())
