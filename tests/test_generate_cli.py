@@ -175,3 +175,23 @@ def test_unknown_teacher_spec_and_refused_connection(tmp_path):
     assert refused.returncode == 1
     assert "every request to openai:m" in refused.stderr and "failed" in refused.stderr
     assert not out.exists()
+
+
+def test_a_second_ctrl_c_aborts_at_once_while_the_first_waits_for_requests_in_flight(tmp_path):
+    prompts = write_prompts(tmp_path / "in.jsonl", 4, fault="!fault=stall")
+    out, cache = tmp_path / "out.jsonl", tmp_path / "cache"
+    with fault_server(stall_s=60) as server:
+        args = ["generate", "--teacher", f"openai:echo@{server.base_url}", "--input", str(prompts), "--output", str(out), "--quiet"]
+        env = {**os.environ, "BBD_RESPONSE_CACHE": str(cache)}
+        proc = subprocess.Popen([sys.executable, "-m", "distill", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while server.faults().get("stall", 0) < 1:  # the stalled request is in flight
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        assert "stopping: waiting for the requests in flight" in proc.stderr.readline(), "the first Ctrl-C waits for what is paid for"
+        assert proc.poll() is None, "still waiting: the stalled request has not answered"
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=20)  # the stall lasts 60 s: only an abort ends it this soon
+        assert proc.returncode == 130
+        assert not out.exists() and out.with_name(out.name + ".partial").exists(), "the journal is kept for a rerun"
