@@ -162,7 +162,7 @@ def write_kd_records(path, teacher_dir, count=16, k=8, strings=False, messages=F
 def kd_settings(model, data, out, **kw):
     from trainers.settings import KDSettings
 
-    base = dict(model=str(model), data=data, output_dir=out, max_steps=2, learning_rate=3e-3, batch_size=4, max_length=64, alpha=0.0)
+    base = dict(model=str(model), data=data, output_dir=out, max_steps=2, learning_rate=3e-3, warmup_ratio=0, batch_size=4, max_length=64, alpha=0.0)
     return KDSettings(**{**base, **kw})
 
 

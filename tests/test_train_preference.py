@@ -32,7 +32,7 @@ def pairs(tmp_path_factory):
 
 def test_reward_model_pairwise_accuracy_rises_and_it_reloads_as_a_classifier(tiny, pairs, tmp_path):
     out = tmp_path / "rm"
-    cfg = RewardSettings(model=str(tiny), data=pairs, output_dir=out, max_steps=30, learning_rate=1e-2, batch_size=16,
+    cfg = RewardSettings(model=str(tiny), data=pairs, output_dir=out, max_steps=30, learning_rate=1e-2, warmup_ratio=0, batch_size=16,
                          max_length=64, eval_fraction=0.25)
     metrics = train_reward(cfg).metrics
     # 8 held-out pairs: a random score head is near chance, the trained one must rank most pairs right.

@@ -20,8 +20,8 @@ from tests.tiny_models import (
     write_sft_records,
 )
 
-# Fast settings shared by the three methods: high learning rate, short completions.
-COMMON = dict(max_steps=10, learning_rate=1e-2, seed=0, save_steps=1000, reward_eval_prompts=8, reward_eval_samples=8)
+# Fast settings shared by the three methods: high learning rate from the first step, short completions.
+COMMON = dict(max_steps=10, learning_rate=1e-2, warmup_ratio=0, seed=0, save_steps=1000, reward_eval_prompts=8, reward_eval_samples=8)
 GROUP = dict(COMMON, max_steps=20, batch_size=32, num_generations=8, max_completion_length=12)
 
 

@@ -18,7 +18,7 @@ from trainers.common import (
     train_and_save,
     trl_args,
 )
-from trainers.settings import DPOSettings, TrainResult
+from trainers.settings import DPOSettings, TrainResult, require_data
 
 #: TRL's logged DPO statistics reported in the metrics, first and last logged value of each.
 REPORTED = ("rewards/margins", "rewards/accuracies")
@@ -28,7 +28,7 @@ def build_trainer(config: DPOSettings):
     """The TRL DPOTrainer for a config, with its tokenizer."""
     path = resolve_model(config.model, config.trust_remote_code)
     tokenizer = load_tokenizer(path, config)
-    train, evaluation = split(load_records(config.data, PAIR_COLUMNS), config)
+    train, evaluation = split(load_records(require_data(config), PAIR_COLUMNS), config)
     args = DPOConfig(
         **trl_args(config),
         max_length=config.max_length,

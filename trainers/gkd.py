@@ -15,7 +15,7 @@ from trl.experimental.gkd import GKDConfig, GKDTrainer
 from synth.errors import ConfigError, InputError
 from trainers.common import load_model, load_records, load_tokenizer, peft_config, resolve_model, split, train_and_save, trl_args
 from trainers.kd_data import vocab_fingerprint
-from trainers.settings import GKDSettings, TrainResult
+from trainers.settings import GKDSettings, TrainResult, require_data
 
 
 def as_messages(dataset):
@@ -43,7 +43,7 @@ def build_trainer(config: GKDSettings):
             f"GKD compares full next-token distributions, so the student's tokenizer ({path}) must be the teacher's "
             f"({teacher_path}); their vocabularies differ"
         )
-    dataset = load_records(config.data, set())
+    dataset = load_records(require_data(config), set())
     columns = set(dataset.column_names)
     if not ({"messages"} <= columns or {"prompt", "completion"} <= columns):
         raise InputError(f"{config.data}: GKD needs 'messages' or 'prompt'/'completion' records, found columns {sorted(columns - {'id'})}")

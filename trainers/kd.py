@@ -24,7 +24,7 @@ from trainers.common import load_tokenizer, resolve_model, train_and_save
 from trainers.kd_chunked import SUMS, patch_kd_forward
 from trainers.kd_data import KD_COLUMNS, KDCollator, as_prompt_completion, attach_soft_labels, check_tokenizer, read_soft_labels
 from trainers.kd_loss import sparse_divergence
-from trainers.settings import KDSettings, TrainResult
+from trainers.settings import KDSettings, TrainResult, require_data
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class KDTrainer(SFTTrainer):
 def build_trainer(config: KDSettings):
     """(KDTrainer, tokenizer, note): SFT's trainer built with the KD subclass, after the tokenizer check."""
     tokenizer = load_tokenizer(resolve_model(config.model, config.trust_remote_code), config)
-    soft = read_soft_labels(config.data, tokenizer, config.max_length)
+    soft = read_soft_labels(require_data(config), tokenizer, config.max_length)
     note = check_tokenizer(tokenizer, soft.tokenizers, config.teacher_tokenizer)
     log.info("KD tokenizer check: %s", note)
     cls = functools.partial(KDTrainer, kd=config, soft=soft)

@@ -17,7 +17,7 @@ from transformers import AutoModelForSequenceClassification
 from synth.errors import ConfigError, InputError
 from synth.io import read_jsonl, to_hf_dataset
 from trainers.common import load_tokenizer, pick_device, plot_history, resolve_model, save_model, split
-from trainers.settings import RLSettings, TrainResult
+from trainers.settings import RLSettings, TrainResult, require_data
 
 
 class Start(NamedTuple):
@@ -36,7 +36,7 @@ def start(config: RLSettings) -> Start:
     reward_model_dir(config)
     path = policy_dir(config)
     tokenizer = load_tokenizer(path, config)
-    prompts, skipped = fit_prompts(load_prompts(config.data), tokenizer, config)
+    prompts, skipped = fit_prompts(load_prompts(require_data(config)), tokenizer, config)
     train, held_out = split(prompts, config)
     return Start(path, tokenizer, train, held_out, evaluation_prompts(train, held_out, config), skipped)
 

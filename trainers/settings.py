@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from synth.errors import ConfigError
 from synth.teachers.config import check_device_name
 
 
@@ -26,6 +27,27 @@ def _steps(value: int) -> int:
 Steps = Annotated[int, AfterValidator(_steps)]
 DeviceName = Annotated[str, AfterValidator(check_device_name)]
 
+# TRL's configs start at the peak rate (warmup 0); published recipes warm up, SFT briefly, preference tuning longer.
+SFT_WARMUP = "Fraction of steps warming the learning rate up from 0: 3 %, as Alpaca's and Vicuna's SFT recipes, keeps Adam's noisy first updates small."
+ALIGNMENT_WARMUP = "Fraction of steps warming the learning rate up from 0: 10 %, as the alignment handbook's DPO recipe and TRL's KTO example."
+ONE_EPOCH = "Passes over the data when max_steps is -1: one, as TRL's DPO example, since preference and RL training overfit quickly."
+
+
+def rate_field(value: float, source: str):
+    """The `learning_rate` field with a method's default and where that default comes from."""
+    return Field(value, gt=0, description=f"Peak learning rate: {source}.")
+
+
+def require_data(settings: TrainSettings) -> Path:
+    """The records file the settings name; a ConfigError naming the flag and the key when none is given.
+
+    There is no default: a default file would train on whatever demo data happened to be there.
+    """
+    if settings.data is None:
+        raise ConfigError("no training data: pass --data FILE.jsonl (in a --config file or a recipe stage: data: FILE.jsonl), "
+                          "the records a distill synth command wrote")
+    return settings.data
+
 
 class TrainSettings(BaseModel):
     """The student, the data, the optimiser and where the result goes."""
@@ -33,15 +55,17 @@ class TrainSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str = Field("embedded", description="Student: a local Hugging Face model directory, or 'embedded' (SmolLM2-135M-Instruct).")
-    data: Path = Field(Path("out/demo/gsm8k_cot.jsonl"), description="Records written by a distill synth command (JSON Lines).")
+    # Checked by require_data when a trainer runs (and by `distill train` and recipes before): a model
+    # without it still builds, so a program can make settings first and name the data later.
+    data: Path | None = Field(None, description="Records written by a distill synth command (JSON Lines); required.")
     output_dir: Path = Field(Path("out/student"), description="Where the trained model, metrics and plots go.")
-    max_steps: Steps = Field(20, description="Optimiser steps (-1: train for `epochs`).")
-    epochs: float = Field(1.0, gt=0, description="Passes over the data when max_steps is -1.")
-    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")
+    max_steps: Steps = Field(-1, description="Optimiser steps; -1: train for `epochs` passes over the data.")
+    epochs: float = Field(3.0, gt=0, description="Passes over the data when max_steps is -1: three, TRL's configs' default.")
+    learning_rate: float = rate_field(2e-5, "TRL's SFTConfig default, which its GKDConfig inherits")
     batch_size: int = Field(4, ge=1, description="Examples per device per step.")
     grad_accum: int = Field(1, ge=1, description="Steps of gradient accumulation.")
     max_length: int = Field(512, ge=8, description="Tokens per example; longer ones are truncated.")
-    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps spent warming the learning rate up.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description=SFT_WARMUP)
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="Held-out fraction of the data for evaluation metrics.")
     seed: int = Field(0, description="Seed for shuffling, initialisation and dropout.")
     logging_steps: int = Field(1, ge=1, description="Log metrics every N steps.")
@@ -119,6 +143,9 @@ LossType = Literal[
 class DPOSettings(TrainSettings):
     """Direct preference optimisation of the student on chosen/rejected pairs."""
 
+    learning_rate: float = rate_field(1e-6, "TRL's DPOConfig default")
+    epochs: float = Field(1.0, gt=0, description=ONE_EPOCH)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description=ALIGNMENT_WARMUP)
     beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model (τ for the ipo loss).")
     loss_type: LossType = Field("sigmoid", description="DPO loss variant: sigmoid is the original DPO, ipo, hinge, robust, ... as in TRL.")
     label_smoothing: float = Field(
@@ -142,6 +169,9 @@ class RewardSettings(TrainSettings):
     """A scalar reward model r(prompt, answer) trained so that r(chosen) > r(rejected)."""
 
     output_dir: Path = Field(Path("out/reward"), description="Where the reward model goes (PPO, GRPO and RLOO read it from here by default).")
+    learning_rate: float = rate_field(1e-4, "TRL's RewardConfig default")
+    epochs: float = Field(1.0, gt=0, description=ONE_EPOCH.replace("TRL's DPO example", "InstructGPT's reward models"))
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description=ALIGNMENT_WARMUP)
     eval_fraction: float = Field(0.2, ge=0, lt=1, description="Held-out fraction of the pairs; pairwise accuracy is measured on it.")
     center_rewards_coefficient: float | None = Field(
         None, ge=0, description="Weight of a penalty on the mean reward, keeping rewards centred on zero (0.01 is usual; off by default)."
@@ -151,6 +181,9 @@ class RewardSettings(TrainSettings):
 class RLSettings(TrainSettings):
     """Settings every RL method has: the reward model, sampling, and the before/after reward check."""
 
+    learning_rate: float = rate_field(1e-6, "TRL's GRPOConfig and RLOOConfig default")
+    epochs: float = Field(1.0, gt=0, description=ONE_EPOCH)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description=ALIGNMENT_WARMUP)
     reward_model: Path = Field(
         Path("out/reward"),
         description="Reward model: a sequence-classification model directory with one output (e.g. from `distill train reward`).",
@@ -183,6 +216,7 @@ class RLOOSettings(GroupSettings):
 class PPOSettings(RLSettings):
     """PPO against a reward model, with a value model and a KL penalty to the starting student."""
 
+    learning_rate: float = rate_field(3e-6, "TRL's PPOConfig default")
     kl_coef: float = Field(0.05, ge=0, description="beta: weight of the KL(policy || reference) penalty in the reward.")
     response_length: int = Field(64, ge=1, description="Tokens sampled per completion (stops earlier at EOS).")
     num_ppo_epochs: int = Field(4, ge=1, description="PPO passes over each batch of samples.")

@@ -6,14 +6,14 @@ from trl import SFTConfig, SFTTrainer
 
 from synth.errors import InputError
 from trainers.common import load_model, load_records, load_tokenizer, peft_config, resolve_model, split, train_and_save, trl_args
-from trainers.settings import SFTSettings, TrainResult
+from trainers.settings import SFTSettings, TrainResult, require_data
 
 
 def build_trainer(config: SFTSettings, trainer_class=None, extra_args: dict | None = None):
     """The TRL SFTTrainer (or a subclass) for a config, with its tokenizer; KD reuses this."""
     path = resolve_model(config.model, config.trust_remote_code)
     tokenizer = load_tokenizer(path, config)
-    dataset = load_records(config.data, set())
+    dataset = load_records(require_data(config), set())
     columns = set(dataset.column_names)
     if not ({"messages"} <= columns or {"prompt", "completion"} <= columns):
         raise_wrong_shape(config, columns)

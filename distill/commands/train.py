@@ -7,7 +7,7 @@ import argparse
 from distill.commands.common import Runnable, config_keys
 from distill.config_flags import add_config_flags, load_config
 from trainers import METHODS, train
-from trainers.settings import TrainSettings
+from trainers.settings import TrainSettings, require_data
 
 
 def register(sub) -> None:
@@ -26,8 +26,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def settings_from(values: dict) -> TrainSettings:
-    """The settings of method `values['method']` from flag values (a parsed command line, or a recipe stage's keys)."""
-    return load_config(argparse.Namespace(**values), METHODS[values["method"]].settings)
+    """The settings of method `values['method']` from flag values (a parsed command line, or a recipe stage's keys).
+
+    Refuses settings without data here, so a recipe stage missing it fails before any stage runs.
+    """
+    settings = load_config(argparse.Namespace(**values), METHODS[values["method"]].settings)
+    require_data(settings)
+    return settings
 
 
 def execute(settings: TrainSettings) -> int:
