@@ -342,6 +342,8 @@ def _teacher_arg(block: Any, work_dir: Path, path: Path) -> str | None:
     saved = dict(block)
     if saved.get("base_url"):
         saved["base_url"] = remember(saved["base_url"])
+    if isinstance(saved.get("base_urls"), list):
+        saved["base_urls"] = [remember(url) for url in saved["base_urls"]]
     if saved.get("api_key_env"):  # a key pasted where its variable's name belongs
         saved["api_key_env"] = redact(saved["api_key_env"])
     target = work_dir / ".recipe" / "teacher.yaml"

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from synth import safe_yaml
 from synth.errors import ConfigError, describe_validation_error
@@ -29,6 +29,11 @@ class TeacherSettings(BaseModel):
     )
     model: str = Field(EMBEDDED, description="Model name (openai, vllm) or path; 'embedded' is the bundled SmolLM2-135M-Instruct.")
     base_url: str | None = Field(None, description="openai: the API's base URL, e.g. http://127.0.0.1:8000/v1.")
+    base_urls: list[str] = Field(
+        default_factory=list,
+        description="openai: several endpoints serving the same model (a vLLM/SGLang server per GPU, regional endpoints), "
+        "instead of base_url: each request goes to the one with the fewest in flight, and one that keeps failing is rested.",
+    )
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key.")
     concurrency: int | None = Field(None, ge=1, description="Requests in flight at once (default: 64 openai, 1 local).")
     batch_size: int | None = Field(None, ge=1, description="Local backends: samples per forward batch for transformers (default 16), requests per engine call for vllm (default 256).")
@@ -67,23 +72,38 @@ class TeacherSettings(BaseModel):
     @classmethod
     def _check_base_url(cls, value: str | None) -> str | None:
         """An http(s) URL with a host and a valid port, so a typo stops here rather than at the first request."""
-        if value is None:
-            return None
-        shown = redact(value)
-        try:
-            parts = urlsplit(value.strip())
-            parts.port  # raises ValueError for a port out of range or not a number
-        except ValueError as exc:
-            raise ValueError(f"{shown!r} is not a valid URL: {exc}") from None
-        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{shown!r}: expected an http:// or https:// URL with a host, e.g. http://127.0.0.1:8000/v1")
-        return value
+        return None if value is None else check_url(value)
+
+    @field_validator("base_urls")
+    @classmethod
+    def _check_base_urls(cls, value: list[str]) -> list[str]:
+        """Each an http(s) URL, as base_url is."""
+        return [check_url(url) for url in value]
+
+    @model_validator(mode="after")
+    def _one_way_to_name_endpoints(self) -> "TeacherSettings":
+        if self.base_url and self.base_urls:
+            raise ValueError("give base_url or base_urls, not both")
+        return self
 
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
         """auto, cpu, mps, cuda or cuda:N."""
         return check_device_name(value)
+
+
+def check_url(value: str) -> str:
+    """`value` if it is an http(s) URL with a host and a valid port; a ValueError (credentials masked) otherwise."""
+    shown = redact(value)
+    try:
+        parts = urlsplit(value.strip())
+        parts.port  # raises ValueError for a port out of range or not a number
+    except ValueError as exc:
+        raise ValueError(f"{shown!r} is not a valid URL: {exc}") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{shown!r}: expected an http:// or https:// URL with a host, e.g. http://127.0.0.1:8000/v1")
+    return value
 
 
 def check_device_name(value: str) -> str:

@@ -37,6 +37,7 @@ from synth.teachers.base import (
     Usage,
 )
 from synth.teachers.config import TeacherSettings
+from synth.teachers.endpoints import Endpoint, EndpointPool
 from synth.teachers.reasoning import split_generated, spelled_by
 from synth.teachers.retry import RetryPolicy, call_with_retries, error_for_status
 
@@ -181,8 +182,13 @@ class OpenAITeacher(Teacher):
         super().__init__(config.model)
         self.config = config
         self.concurrency = config.concurrency or 64
-        self._url, self._query = client_url(real_url(config.base_url or DEFAULT_BASE_URL))
-        self.base_url = normalize_base_url(self._url)
+        endpoints = []
+        for url in config.base_urls or [config.base_url or DEFAULT_BASE_URL]:
+            plain, query = client_url(real_url(url))
+            endpoints.append(Endpoint(plain, query, normalize_base_url(plain)))
+        self.pool = EndpointPool(endpoints, say=self._note)
+        #: The endpoint's URL (several: the first, with the others in `spec`), credential-free.
+        self.base_url = endpoints[0].name
         self.policy = RetryPolicy(config.max_retries, config.backoff_base, config.backoff_max)
         self.json_mode: str | None = None if config.structured_output == "auto" else config.structured_output
         #: The JSON mode learned for each schema (auto): a server may refuse one schema in strict mode and not another.
@@ -194,7 +200,6 @@ class OpenAITeacher(Teacher):
         self._answered = False
         self.notes: list[str] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._client: AsyncOpenAI | None = None
 
     def __repr__(self) -> str:
         return f"OpenAITeacher(model={self.model!r}, base_url={self.base_url!r})"
@@ -206,7 +211,9 @@ class OpenAITeacher(Teacher):
 
     def cache_identity(self) -> dict[str, Any]:
         """Backend, model and the credential-free base URL: another server may answer differently."""
-        identity = {"backend": self.backend, "model": self.model, "base_url": self.base_url}
+        names = sorted(e.name for e in self.pool.endpoints)
+        # Replicas of one model answer alike: the set of endpoints is the identity, not the one a request went to.
+        identity = {"backend": self.backend, "model": self.model, "base_url": names[0] if len(names) == 1 else names}
         if self.config.reasoning_effort is not None:
             identity["reasoning_effort"] = self.config.reasoning_effort  # more thinking, other answers
         return identity
@@ -214,22 +221,22 @@ class OpenAITeacher(Teacher):
     @property
     def spec(self) -> str:
         """`openai:MODEL@BASE_URL`, with no credentials (nor a key some gateways put in the path)."""
-        return redact(f"openai:{self.model}@{self.base_url}")
+        return redact(f"openai:{self.model}@{','.join(e.name for e in self.pool.endpoints)}")
 
-    def _ensure_client(self) -> AsyncOpenAI:
-        # The client's connection pool and our semaphore belong to one event loop;
+    def _ensure_client(self) -> None:
+        # The clients' connection pools and our semaphore belong to one event loop;
         # a caller that runs us under a new loop gets fresh ones.
         loop = asyncio.get_running_loop()
-        if self._client is None or self._loop is not loop:
+        if self._loop is not loop:
             key = os.environ.get(self.config.api_key_env) or "EMPTY"
-            self._client = AsyncOpenAI(
-                api_key=key, base_url=self._url, default_query=self._query or None, max_retries=0, timeout=self.config.timeout
-            )
+            for e in self.pool.endpoints:
+                e.client = AsyncOpenAI(
+                    api_key=key, base_url=e.url, default_query=e.query or None, max_retries=0, timeout=self.config.timeout
+                )
             self._loop = loop
             self._sem = asyncio.Semaphore(self.concurrency)
             self._probe_lock = asyncio.Lock()
             self._first_lock = asyncio.Lock()
-        return self._client
 
     def _note(self, text: str, say: bool = True) -> None:
         """Remember what the server made us do; said once on stderr, since it changes what a job sends."""
@@ -345,20 +352,30 @@ class OpenAITeacher(Teacher):
 
     async def _post_once(self, req: ChatRequest, n: int, seed: int | None, mode: str | None) -> ChatResponse:
         kwargs = self._build(req.messages, req.params, n, seed, mode)
-        client = self._ensure_client()
+        self._ensure_client()
         async with self._sem:
+            endpoint = self.pool.pick()
+            endpoint.in_flight += 1
+            endpoint.sent += 1
             try:
                 # The body is plain JSON already: passed as extra_body it skips the client's typed
                 # transform, and the raw response skips its model construction. Together they
                 # cost more CPU per request than the rest of our layer (measured in
                 # benchmarks/teacher_throughput.py); the bytes on the wire are the same.
                 model = kwargs.pop("model")
-                raw = await client.chat.completions.with_raw_response.create(model=model, messages=[], extra_body=kwargs)
+                raw = await endpoint.client.chat.completions.with_raw_response.create(model=model, messages=[], extra_body=kwargs)
                 resp = json.loads(raw.content)
-            except openai.APIStatusError:
+            except openai.APIStatusError as exc:
+                if exc.status_code in (408, 429) or exc.status_code >= 500:
+                    self.pool.failed(endpoint, f"HTTP {exc.status_code}")
                 raise  # _post decides
             except (openai.OpenAIError, ValueError) as exc:
-                raise map_error(exc) from None
+                error = map_error(exc)
+                self.pool.failed(endpoint, error.reason)
+                raise error from None
+            finally:
+                endpoint.in_flight -= 1
+        self.pool.succeeded(endpoint)
         reply = self._convert(resp, req.params)
         self.stats.prompt_tokens += reply.usage.prompt_tokens
         self.stats.completion_tokens += reply.usage.completion_tokens
@@ -503,13 +520,15 @@ class OpenAITeacher(Teacher):
         return ok
 
     async def aclose(self) -> None:
-        """Close the HTTP connection pool."""
-        if self._client is not None:
-            try:
-                await self._client.close()
-            except RuntimeError:
-                pass  # created under an event loop that is gone
-            self._client = None
+        """Close the HTTP connection pools."""
+        for e in self.pool.endpoints:
+            if e.client is not None:
+                try:
+                    await e.client.close()
+                except RuntimeError:
+                    pass  # created under an event loop that is gone
+                e.client = None
+        self._loop = None
 
 
 #: What the backend does about each parameter a reasoning model refuses, as said on stderr.
