@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from dataclasses import dataclass, fields, replace
@@ -29,15 +30,24 @@ class JobCounts:
     first_error: str = ""
 
 
-class ProgressLine:
-    """Redraws one status line on a terminal, or logs one every `log_every` seconds elsewhere."""
+def log_interval() -> float:
+    """Seconds between progress lines in a log: $BBD_PROGRESS_SECONDS, default 30."""
+    try:
+        value = float(os.environ.get("BBD_PROGRESS_SECONDS", "30"))
+    except ValueError:
+        return 30.0
+    return value if value > 0 else 30.0
 
-    def __init__(self, label: str, teacher, counts: JobCounts, *, enabled: bool = True, log_every: float = 10.0):
+
+class ProgressLine:
+    """Redraws one status line on a terminal; in a log, writes one every `log_every` seconds and at each 10 % of the tasks."""
+
+    def __init__(self, label: str, teacher, counts: JobCounts, *, enabled: bool = True, log_every: float | None = None):
         self.label = label
         self.teacher = teacher
         self.counts = counts
         self.enabled = enabled
-        self.log_every = log_every
+        self.log_every = log_every if log_every is not None else log_interval()
         self.console = Console(stderr=True, soft_wrap=True)
         self.start = time.monotonic()
         # A teacher serves every stage of a pipeline: this line counts this job's share only.
@@ -99,6 +109,13 @@ class ProgressLine:
                 while True:
                     await asyncio.sleep(0.25)
                     live.update(Text(self.render()))
+        # In a log (not a terminal): a line every `log_every` seconds and at each tenth of the tasks.
+        last, decile = time.monotonic(), 0
         while True:
-            await asyncio.sleep(self.log_every)
-            self.console.print(self.render(), highlight=False)
+            await asyncio.sleep(min(0.5, self.log_every))
+            c = self.counts
+            now_decile = 10 * (c.done + c.skipped + c.duplicates) // c.total if c.total else 0
+            if now_decile > decile or time.monotonic() - last >= self.log_every:
+                decile, last = max(decile, now_decile), time.monotonic()
+                if now_decile < 10:  # the final line is printed on exit
+                    self.console.print(self.render(), highlight=False)
