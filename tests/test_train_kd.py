@@ -272,6 +272,11 @@ def test_a_student_with_another_tokenizer_is_refused(models, tmp_path):
         train(kd_settings(models["student"], write_sft_records(tmp_path / "plain.jsonl", 4), tmp_path / "o"))
 
 
+def test_kd_learns_the_last_assistant_turn_so_assistant_only_loss_stays_on(tmp_path):
+    with pytest.raises(ValueError, match="assistant_only_loss must stay true"):
+        kd_settings("m", tmp_path / "d.jsonl", tmp_path / "kd", assistant_only_loss=False)
+
+
 def test_the_embedded_vocabulary_hash_is_the_known_one():
     from transformers import AutoTokenizer
 

@@ -12,7 +12,9 @@ import pytest
 
 from synth.errors import InputError
 from tests.tiny_models import (
+    CHATML,
     make_tiny_llama,
+    provenance,
     write_preference_records,
     write_sft_records,
 )
@@ -84,3 +86,92 @@ def test_building_the_cli_imports_no_trainer_and_no_torch():
     root = Path(__file__).resolve().parents[1]
     loaded = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "['trainers', 'trainers.settings']"
+
+
+# ---------------------------------------------------------------- what the loss learns
+
+
+@pytest.fixture(scope="module")
+def unmarked(tiny, tmp_path_factory):
+    """The tiny model with a ChatML template without `{% generation %}` markers, as SmolLM2, Llama and Mistral ship theirs."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("unmarked") / "model"
+    shutil.copytree(tiny, path)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    tok.chat_template = CHATML.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    tok.save_pretrained(str(path))
+    return path
+
+
+def write_messages(path, chats: dict[str, list[tuple[str, str]]]):
+    with path.open("w") as fh:
+        for i, (rid, turns) in enumerate(chats.items()):
+            messages = [{"role": role, "content": content} for role, content in turns]
+            fh.write(json.dumps({"kind": "sft", "id": rid, "provenance": provenance(i), "messages": messages}) + "\n")
+    return path
+
+
+def learned_and_masked(trainer, tokenizer) -> dict[str, tuple[str, str]]:
+    """For each prepared row, (the text of the tokens with a label, the text of those without), from the collator's batch."""
+    rows = [dict(r) for r in trainer.train_dataset]
+    batch = trainer.data_collator(rows)
+    out = {}
+    for ids, labels, attention in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        real = attention.bool()
+        learned = tokenizer.decode(ids[real & (labels != -100)])
+        masked = tokenizer.decode(ids[real & (labels == -100)])
+        out[learned] = (learned, masked)
+    return out
+
+
+def test_messages_records_learn_the_assistant_turns_only(unmarked, tmp_path):
+    """System and user tokens get label -100 in the batches the trainer's collator builds; every assistant turn is learned."""
+    from transformers import AutoTokenizer
+
+    from trainers.sft import build_trainer
+
+    data = write_messages(tmp_path / "chat.jsonl", {
+        "one": [("system", "Answer with a color."), ("user", "What color is the sky?"), ("assistant", "The sky is blue.")],
+        "two": [("user", "What color is the sun?"), ("assistant", "The sun is yellow."),
+                ("user", "And the grass?"), ("assistant", "The grass is green.")],
+    })  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(str(unmarked))
+    trainer, _ = build_trainer(SFTSettings(model=str(unmarked), data=data, output_dir=tmp_path / "o", max_steps=1, max_length=128))
+    rows = learned_and_masked(trainer, tok)
+    assert set(rows) == {"The sky is blue.<|im_end|>\n", "The sun is yellow.<|im_end|>\nThe grass is green.<|im_end|>\n"}, rows
+    _, masked = rows["The sky is blue.<|im_end|>\n"]
+    assert masked == "<|im_start|>system\nAnswer with a color.<|im_end|>\n<|im_start|>user\nWhat color is the sky?<|im_end|>\n<|im_start|>assistant\n"
+    _, masked = rows["The sun is yellow.<|im_end|>\nThe grass is green.<|im_end|>\n"]
+    assert "What color is the sun?" in masked and "And the grass?" in masked
+
+    # Switched off, every token is learned (TRL's own behaviour for messages).
+    trainer, _ = build_trainer(SFTSettings(model=str(unmarked), data=data, output_dir=tmp_path / "o", max_steps=1, max_length=128,
+                                           assistant_only_loss=False))  # fmt: skip
+    assert all(masked == "" for _, masked in learned_and_masked(trainer, tok).values())
+
+
+def test_a_template_that_renders_a_chat_s_start_differently_is_refused_by_record(tiny):
+    from transformers import AutoTokenizer
+
+    from trainers.chat_masks import assistant_mask
+
+    tok = AutoTokenizer.from_pretrained(str(tiny))
+    # Like templates that drop earlier turns' reasoning: the last message is rendered apart from the others.
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% if loop.last %}<|im_end|>{% endif %}{% endfor %}"
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]
+    with pytest.raises(InputError, match="record r7: the chat template renders the chat up to turn 2 differently"):
+        assistant_mask(tok, chat, "r7")
+
+
+def test_prompt_completion_records_still_learn_the_completion_only(unmarked, tmp_path):
+    from transformers import AutoTokenizer
+
+    from trainers.sft import build_trainer
+
+    data = write_sft_records(tmp_path / "sft.jsonl", 2)
+    tok = AutoTokenizer.from_pretrained(str(unmarked))
+    trainer, _ = build_trainer(SFTSettings(model=str(unmarked), data=data, output_dir=tmp_path / "o", max_steps=1, max_length=128))
+    assert set(learned_and_masked(trainer, tok)) == {"The apple is red.<|im_end|>\n", "The sky is blue.<|im_end|>\n"}

@@ -60,7 +60,12 @@ METHODS: dict[str, Method] = {
         RLOOSettings,
         "RLOO: TRL's RLOOTrainer with the reward model as its reward function, maximising r(x, y) - beta * KL(policy || SFT student).",
     ),
-    "sft": Method("trainers.sft", SFTSettings, "SFT: TRL's SFTTrainer on prompt/completion records (completion-only loss) or multi-turn messages.", ("sft",)),
+    "sft": Method(
+        "trainers.sft",
+        SFTSettings,
+        "SFT: TRL's SFTTrainer on prompt/completion records or multi-turn messages, learning the answers (assistant turns) only.",
+        ("sft",),
+    ),
 }
 
 

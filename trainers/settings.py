@@ -96,6 +96,9 @@ class SFTSettings(TrainSettings):
 
     packing: bool = Field(False, description="Pack several short examples into each max_length sequence.")
     completion_only_loss: bool = Field(True, description="prompt/completion data: learn the answers only, not the prompts.")
+    assistant_only_loss: bool = Field(
+        True, description="messages data: learn the assistant turns only, not the system and user turns (works with any chat template)."
+    )
 
 
 class KDSettings(SFTSettings):
@@ -120,6 +123,8 @@ class KDSettings(SFTSettings):
             raise ValueError("KD cannot pack rows: each row carries its own soft labels; set packing to false")
         if not self.completion_only_loss:
             raise ValueError("KD aligns the soft labels with the completion tokens; completion_only_loss must stay true")
+        if not self.assistant_only_loss:
+            raise ValueError("KD learns a chat's last assistant turn, where its soft labels are; assistant_only_loss must stay true")
         return self
 
 

@@ -1,16 +1,37 @@
-"""SFT: TRL's SFTTrainer on prompt/completion records (completion-only loss) or multi-turn messages."""
+"""SFT: TRL's SFTTrainer on prompt/completion records or multi-turn messages, learning the answers (assistant turns) only."""
 
 from __future__ import annotations
 
-from trl import SFTConfig, SFTTrainer
+import functools
+
+import trl
+from trl import SFTConfig
 
 from synth.errors import InputError
+from trainers.chat_masks import with_assistant_masks
 from trainers.common import load_model, load_records, load_tokenizer, peft_config, resolve_model, split, train_and_save, trl_args
 from trainers.settings import SFTSettings, TrainResult, require_data
 
 
+class SFTTrainer(trl.SFTTrainer):
+    """TRL's SFTTrainer, learning only the assistant turns of `messages` rows when `assistant_only` (any chat template).
+
+    The rows are tokenized here with their assistant masks (trainers/chat_masks.py); TRL then
+    turns the masks into labels, truncates and packs them as it does its own.
+    """
+
+    def __init__(self, *args, assistant_only: bool = True, **kwargs):
+        self.assistant_only = assistant_only  # read by _prepare_dataset, which TRL's __init__ calls
+        super().__init__(*args, **kwargs)
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        if self.assistant_only and "messages" in dataset.column_names:
+            dataset = with_assistant_masks(dataset, self._tokenizer, dataset_name)
+        return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+
+
 def build_trainer(config: SFTSettings, trainer_class=None, extra_args: dict | None = None):
-    """The TRL SFTTrainer (or a subclass) for a config, with its tokenizer; KD reuses this."""
+    """The SFTTrainer above (or KD's subclass of TRL's) for a config, with its tokenizer; KD reuses this."""
     path = resolve_model(config.model, config.trust_remote_code)
     tokenizer = load_tokenizer(path, config)
     dataset = load_records(require_data(config), set())
@@ -25,7 +46,7 @@ def build_trainer(config: SFTSettings, trainer_class=None, extra_args: dict | No
         completion_only_loss=config.completion_only_loss if "completion" in columns else None,
         **(extra_args or {}),
     )
-    cls = trainer_class or SFTTrainer
+    cls = trainer_class or functools.partial(SFTTrainer, assistant_only=config.assistant_only_loss)
     trainer = cls(
         model=load_model(path, config),
         args=args,
@@ -46,4 +67,3 @@ def train(config: SFTSettings) -> TrainResult:
     """Fine-tune the student on the records; returns where the model went and its metrics."""
     trainer, tokenizer = build_trainer(config)
     return train_and_save(trainer, config, tokenizer)
-
