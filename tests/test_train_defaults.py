@@ -53,6 +53,14 @@ def test_the_defaults_train_by_epochs_with_warmup(method):
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
+def test_the_default_max_length_holds_a_synth_commands_answer_and_its_prompt(method):
+    fields = METHODS[method].settings.model_fields
+    # label and generate answer in up to 512 tokens, curate and expand in up to 1024; their prompts come on top.
+    assert fields["max_length"].default >= 1024 + 512
+    assert fields["max_truncated"].default == 0.05
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_data_has_no_demo_default_and_leaving_it_out_is_one_line_naming_the_flag(method, tmp_path, capsys):
     assert METHODS[method].settings.model_fields["data"].default is None
     code = distill_main(["train", method, "--model", str(tmp_path / "none"), "--output-dir", str(tmp_path / "out")])

@@ -354,3 +354,17 @@ def test_an_epochs_short_last_batch_trains(models, tmp_path):
     result = train(kd_settings(models["student"], data, tmp_path / "short", max_steps=3, batch_size=4))
     history = json.loads((result.output_dir / "metrics.json").read_text())["history"]
     assert max(row.get("step", 0) for row in history) == 3 and all("kd_kl" in row for row in history if "loss" in row)
+
+
+def test_kd_and_gkd_stop_before_training_when_max_length_would_cut_most_records(models, tmp_path):
+    from trainers.gkd import train as train_gkd
+    from trainers.kd import train as train_kd
+    from trainers.settings import GKDSettings
+
+    data = write_kd_records(tmp_path / "kd.jsonl", models["teacher"], 4)
+    with pytest.raises(InputError, match=r"kd.jsonl: 4 of 4 examples .* longer than max_length=12 tokens .*--max-length to \d+"):
+        train_kd(kd_settings(models["student"], data, tmp_path / "kd", max_length=12))
+    with pytest.raises(InputError, match=r"kd.jsonl: 4 of 4 examples .* longer than max_length=12 tokens"):
+        train_gkd(GKDSettings(model=str(models["student"]), teacher_model=str(models["teacher"]), data=data, output_dir=tmp_path / "gkd",
+                              max_steps=1, max_length=12))  # fmt: skip
+    assert not (tmp_path / "kd").exists() and not (tmp_path / "gkd").exists()

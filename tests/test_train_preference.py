@@ -114,3 +114,20 @@ def test_dpo_loss_types_are_exactly_trls():
         DPOSettings(loss_type="kto")
     with pytest.raises(ValidationError, match="exo_pair needs label_smoothing"):
         DPOSettings(loss_type="exo_pair")
+
+
+@pytest.mark.parametrize("method", ["dpo", "reward"])
+def test_pairs_longer_than_max_length_stop_before_training(method, tiny, tmp_path, capsys):
+    pairs = write_preference_records(tmp_path / "pairs.jsonl", 10)
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    for row in rows[:3]:  # 3 of 10: a rejected answer that runs on
+        row["rejected"][0]["content"] = "The sky is blue. " * 30
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / method
+    argv = ["train", method, "--model", str(tiny), "--data", str(pairs), "--output-dir", str(out), "--max-length", "64", "--max-steps", "1"]
+    assert distill_main(argv) == 1
+    err = capsys.readouterr().err
+    assert str(pairs) in err and "3 of 10 pairs" in err and "--max-length to" in err, err
+    assert not out.exists()
+    assert distill_main([*argv, "--max-truncated", "0.3", "--batch-size", "2"]) == 0, "a share the user accepts trains"
+    assert "pairs longer than max_length=64 tokens: 3 of 10" in capsys.readouterr().out

@@ -271,3 +271,15 @@ def test_ppo_gets_a_pad_token_apart_from_eos(tiny):
     prompt = tok(tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True))["input_ids"]
     distinct_pad(tok, [prompt])
     assert tok.pad_token_id not in prompt and tok.pad_token_id != tok.eos_token_id
+
+
+def test_prompts_longer_than_max_length_stop_before_training(tiny, reward_dir, tmp_path):
+    from trainers.grpo import train
+    from trainers.settings import GRPOSettings
+
+    data = tmp_path / "prompts.jsonl"
+    prompts = ["What color is the sky?"] * 6 + ["What color is the sky? " * 20] * 4
+    data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": p}]}) + "\n" for p in prompts))
+    with pytest.raises(InputError, match=r"4 of 10 prompts .* longer than max_length=32 tokens and would be skipped"):
+        train(GRPOSettings(model=str(tiny), data=data, reward_model=reward_dir, output_dir=tmp_path / "x", max_length=32))
+    assert not (tmp_path / "x").exists()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from distill.cli import main as distill_main
 from synth.errors import InputError
 from tests.tiny_models import (
     CHATML,
@@ -175,3 +176,43 @@ def test_prompt_completion_records_still_learn_the_completion_only(unmarked, tmp
     tok = AutoTokenizer.from_pretrained(str(unmarked))
     trainer, _ = build_trainer(SFTSettings(model=str(unmarked), data=data, output_dir=tmp_path / "o", max_steps=1, max_length=128))
     assert set(learned_and_masked(trainer, tok)) == {"The apple is red.<|im_end|>\n", "The sky is blue.<|im_end|>\n"}
+
+
+# ---------------------------------------------------------------- truncation
+
+
+def write_long_and_short(path, long: int, short: int):
+    """SFT records: `long` whose answer runs past 64 tokens, `short` that fit."""
+    with path.open("w") as fh:
+        for i in range(long + short):
+            answer = "The sky is blue. " * (20 if i < long else 1)
+            fh.write(json.dumps({
+                "kind": "sft", "id": f"r{i}", "provenance": provenance(i),
+                "prompt": [{"role": "user", "content": "What color is the sky?"}],
+                "completion": [{"role": "assistant", "content": answer.strip()}],
+            }) + "\n")  # fmt: skip
+    return path
+
+
+def test_too_many_cut_examples_stop_before_training(tiny, tmp_path, capsys):
+    data = write_long_and_short(tmp_path / "long.jsonl", long=6, short=14)
+    out = tmp_path / "student"
+    code = distill_main(["train", "sft", "--model", str(tiny), "--data", str(data), "--output-dir", str(out), "--max-length", "64",
+                         "--max-steps", "1"])  # fmt: skip
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert str(data) in err and "6 of 20 examples" in err and "--max-length" in err and "max_truncated=0.05" in err, err
+    longest = int(err.split("the longest has ")[1].split(")")[0])
+    assert longest > 64 and f"--max-length to {longest}" in err
+    assert not out.exists(), "stopped before training"
+
+
+def test_a_few_cut_examples_are_counted_and_training_goes_on(tiny, tmp_path, capsys):
+    data = write_long_and_short(tmp_path / "long.jsonl", long=1, short=19)
+    out = tmp_path / "student"
+    code = distill_main(["train", "sft", "--model", str(tiny), "--data", str(data), "--output-dir", str(out), "--max-length", "64",
+                         "--max-steps", "1", "--batch-size", "2"])  # fmt: skip
+    stdout = capsys.readouterr().out
+    assert code == 0 and (out / "config.json").is_file()
+    assert "examples longer than max_length=64 tokens: 1 of 20, cut" in stdout, stdout

@@ -18,6 +18,7 @@ from trainers.common import (
     train_and_save,
     trl_args,
 )
+from trainers.lengths import check_truncation, example_lengths
 from trainers.settings import DPOSettings, TrainResult, require_data
 
 #: TRL's logged DPO statistics reported in the metrics, first and last logged value of each.
@@ -28,7 +29,10 @@ def build_trainer(config: DPOSettings):
     """The TRL DPOTrainer for a config, with its tokenizer."""
     path = resolve_model(config.model, config.trust_remote_code)
     tokenizer = load_tokenizer(path, config)
-    train, evaluation = split(load_records(require_data(config), PAIR_COLUMNS), config)
+    records = load_records(require_data(config), PAIR_COLUMNS)
+    # TRL's collator cuts prompt + answer to max_length: count them first.
+    check_truncation(example_lengths(records, tokenizer, ("chosen", "rejected")), config, "pairs", "cut")
+    train, evaluation = split(records, config)
     args = DPOConfig(
         **trl_args(config),
         max_length=config.max_length,

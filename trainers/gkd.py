@@ -15,6 +15,7 @@ from trl.experimental.gkd import GKDConfig, GKDTrainer
 from synth.errors import ConfigError, InputError
 from trainers.common import load_model, load_records, load_tokenizer, peft_config, resolve_model, split, train_and_save, trl_args
 from trainers.kd_data import vocab_fingerprint
+from trainers.lengths import check_truncation, example_lengths
 from trainers.settings import GKDSettings, TrainResult, require_data
 
 
@@ -47,6 +48,8 @@ def build_trainer(config: GKDSettings):
     columns = set(dataset.column_names)
     if not ({"messages"} <= columns or {"prompt", "completion"} <= columns):
         raise InputError(f"{config.data}: GKD needs 'messages' or 'prompt'/'completion' records, found columns {sorted(columns - {'id'})}")
+    # TRL's ChatML collator keeps the last max_length tokens of a long chat.
+    check_truncation(example_lengths(dataset, tokenizer), config, fate="cut from the start")
     train, evaluation = split(as_messages(dataset), config)
     args = GKDConfig(
         **trl_args(config), max_length=config.max_length, lmbda=config.lmbda, beta=config.beta,

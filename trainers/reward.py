@@ -21,6 +21,7 @@ from trainers.common import (
     train_and_save,
     trl_args,
 )
+from trainers.lengths import check_truncation, example_lengths
 from trainers.settings import RewardSettings, TrainResult, require_data
 
 
@@ -28,7 +29,10 @@ def build_trainer(config: RewardSettings):
     """The TRL RewardTrainer for a config, with its tokenizer; the reward head starts from the student's weights."""
     path = resolve_model(config.model, config.trust_remote_code)
     tokenizer = load_tokenizer(path, config)
-    train, evaluation = split(load_records(require_data(config), PAIR_COLUMNS), config)
+    records = load_records(require_data(config), PAIR_COLUMNS)
+    # TRL's RewardTrainer drops the pairs longer than max_length: count them first.
+    check_truncation(example_lengths(records, tokenizer, ("chosen", "rejected")), config, "pairs", "dropped")
+    train, evaluation = split(records, config)
     args = RewardConfig(**trl_args(config), max_length=config.max_length, center_rewards_coefficient=config.center_rewards_coefficient)
     set_seed(config.seed)  # the score head is initialised at random when the model loads
     model = load_model(path, config, one_score_classifier())

@@ -17,6 +17,7 @@ from transformers import AutoModelForSequenceClassification
 from synth.errors import ConfigError, InputError
 from synth.io import read_jsonl, to_hf_dataset
 from trainers.common import load_tokenizer, pick_device, plot_history, resolve_model, save_model, split
+from trainers.lengths import check_truncation
 from trainers.settings import RLSettings, TrainResult, require_data
 
 
@@ -80,12 +81,14 @@ def prompt_text(prompt, tokenizer) -> str:
 
 
 def fit_prompts(dataset, tokenizer, config: RLSettings):
-    """The prompts that fit in max_length tokens (longer ones are skipped, counted), and that count."""
+    """The prompts that fit in max_length tokens, and how many longer ones are skipped (an InputError above max_truncated)."""
     lengths = [len(tokenizer(prompt_text(p, tokenizer), add_special_tokens=False)["input_ids"]) for p in dataset["prompt"]]
+    # Skipped, not cut: a prompt cut short asks another question (or loses the chat template's generation prompt).
+    skipped = check_truncation(lengths, config, "prompts", "skipped")
     keep = [i for i, n in enumerate(lengths) if n <= config.max_length]
     if not keep:
         raise InputError(f"{config.data}: every prompt is longer than max_length={config.max_length} tokens")
-    return dataset.select(keep), len(lengths) - len(keep)
+    return dataset.select(keep), skipped
 
 
 def reward_model_dir(config: RLSettings) -> Path:

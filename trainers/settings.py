@@ -64,7 +64,13 @@ class TrainSettings(BaseModel):
     learning_rate: float = rate_field(2e-5, "TRL's SFTConfig default, which its GKDConfig inherits")
     batch_size: int = Field(4, ge=1, description="Examples per device per step.")
     grad_accum: int = Field(1, ge=1, description="Steps of gradient accumulation.")
-    max_length: int = Field(512, ge=8, description="Tokens per example; longer ones are truncated.")
+    max_length: int = Field(
+        2048, ge=8, description="Tokens per example: room for the synth commands' longest answers (512 to 1024 tokens) and their prompts."
+    )
+    max_truncated: float = Field(
+        0.05, ge=0, le=1,
+        description="Largest share of examples max_length may cut (a cut answer loses its end and EOS); above it training stops before it starts.",
+    )  # fmt: skip
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description=SFT_WARMUP)
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="Held-out fraction of the data for evaluation metrics.")
     seed: int = Field(0, description="Seed for shuffling, initialisation and dropout.")
@@ -189,6 +195,10 @@ class RLSettings(TrainSettings):
     learning_rate: float = rate_field(1e-6, "TRL's GRPOConfig and RLOOConfig default")
     epochs: float = Field(1.0, gt=0, description=ONE_EPOCH)
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description=ALIGNMENT_WARMUP)
+    max_length: int = Field(2048, ge=8, description="Longest prompt, in tokens: longer prompts are skipped (see max_truncated).")
+    max_truncated: float = Field(
+        0.05, ge=0, le=1, description="Largest share of prompts max_length may skip; above it training stops before it starts."
+    )
     reward_model: Path = Field(
         Path("out/reward"),
         description="Reward model: a sequence-classification model directory with one output (e.g. from `distill train reward`).",

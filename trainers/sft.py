@@ -10,6 +10,7 @@ from trl import SFTConfig
 from synth.errors import InputError
 from trainers.chat_masks import with_assistant_masks
 from trainers.common import load_model, load_records, load_tokenizer, peft_config, resolve_model, split, train_and_save, trl_args
+from trainers.lengths import check_truncation, example_lengths
 from trainers.settings import SFTSettings, TrainResult, require_data
 
 
@@ -31,13 +32,17 @@ class SFTTrainer(trl.SFTTrainer):
 
 
 def build_trainer(config: SFTSettings, trainer_class=None, extra_args: dict | None = None):
-    """The SFTTrainer above (or KD's subclass of TRL's) for a config, with its tokenizer; KD reuses this."""
+    """The SFTTrainer above (or KD's subclass of TRL's) for a config, with its tokenizer; KD reuses this.
+
+    Stops before the model loads when max_length would cut more than max_truncated of the records.
+    """
     path = resolve_model(config.model, config.trust_remote_code)
     tokenizer = load_tokenizer(path, config)
     dataset = load_records(require_data(config), set())
     columns = set(dataset.column_names)
     if not ({"messages"} <= columns or {"prompt", "completion"} <= columns):
         raise_wrong_shape(config, columns)
+    check_truncation(example_lengths(dataset, tokenizer), config)  # packing (TRL's bfd) cuts long rows too
     train, evaluation = split(dataset, config)
     args = SFTConfig(
         **trl_args(config),
