@@ -152,6 +152,9 @@ class Reject(BaseModel):
     input: Any = None
     raw: list[str] = Field(default_factory=list, description="The teacher's raw text, when there was one.")
     error: bool = Field(False, description="True when the teacher failed (nothing was received; a rerun retries it).")
+    retryable: bool | None = Field(
+        None, description="For a teacher failure: whether it may pass if asked again (a 429, 5xx, timeout), not a 400 that always fails."
+    )
 
 
 Record = Union[SFTExample, PreferencePair, Critique]

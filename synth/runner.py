@@ -95,7 +95,7 @@ class Runner:
         request = task.request
         for attempt in range(self.max_resamples + 1):
             if isinstance(result, TeacherError):
-                rejects.append(Reject(task=task.id, reason=result.reason, input=_dump(task.input), error=True))
+                rejects.append(Reject(task=task.id, reason=result.reason, input=_dump(task.input), error=True, retryable=result.retryable))
                 break
             # A greedy request would only get the same reply again: its first answer is final.
             final = attempt == self.max_resamples or request.params.temperature == 0

@@ -108,10 +108,11 @@ def run_stage(stage: Stage) -> int:
 
 
 def teacher_failures(output: Path | None) -> int:
-    """How many of a synthesis stage's rejects are teacher failures (nothing received: a rerun retries them)."""
+    """How many of a synthesis stage's rejects are teacher failures that may pass when asked again (a 429, a 5xx,
+    a timeout; not a 400, which fails the same way every time)."""
     if output is None or output.suffix != ".jsonl":
         return 0
-    return sum(1 for row in read_rows(rejects_path(output)) if row.get("error"))
+    return sum(1 for row in read_rows(rejects_path(output)) if row.get("error") and row.get("retryable") is not False)
 
 
 def _what(out: Path) -> str:

@@ -90,7 +90,7 @@ def labeled_then_kd(model: Path, tmp_path: Path, edit=None):
     prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
     out = tmp_path / "soft.jsonl"
     args = ["generate", "--teacher", f"hf:{model}", "--input", str(prompts), "--output", str(out),
-            "--max-tokens", "3", "--logprobs", "2", "--temperature", "0", "--quiet", "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+            "--max-tokens", "3", "--logprobs", "2", "--temperature", "0", "--keep-truncated", "--quiet", "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
     assert main(args) == 0
     if edit:
         record = json.loads(out.read_text())

@@ -53,7 +53,7 @@ def test_trust_remote_code_is_off_unless_asked_and_checkpoint_code_never_runs(tm
     config["auto_map"] = {"AutoConfig": "evil.Config", "AutoModelForCausalLM": "evil.Model"}
     (model / "config.json").write_text(json.dumps(config))
     prompts = write_prompts(tmp_path / "in.jsonl", 1)
-    result = run_cli("generate", "--teacher", f"hf:{model}", "--max-tokens", "2", "--input", str(prompts), "--output", str(tmp_path / "o.jsonl"),
+    result = run_cli("generate", "--teacher", f"hf:{model}", "--max-tokens", "2", "--keep-truncated", "--input", str(prompts), "--output", str(tmp_path / "o.jsonl"),
                      "--quiet", cache=tmp_path / "cache")
     assert result.returncode == 0, result.stderr[-2000:]
     assert not marker.exists(), "code shipped with a checkpoint ran without trust_remote_code"
