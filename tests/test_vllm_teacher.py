@@ -378,3 +378,8 @@ def test_the_cache_identity_holds_what_decides_the_output(fake_vllm, tmp_path):
     assert identity(engine_args={"tensor_parallel_size": 2, "gpu_memory_utilization": 0.5}) == base, "speed only"
     (model / "model.safetensors").write_bytes(b"weights v2, retrained")
     assert identity() != base
+
+
+def test_vllms_parallelism_reaches_the_engine_as_given():
+    args = {"tensor_parallel_size": 8, "pipeline_parallel_size": 2, "data_parallel_size": 4}
+    assert engine_kwargs(TeacherSettings(backend="vllm", model="m", engine_args=args)).items() >= args.items()
