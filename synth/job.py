@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator, Literal, Union
 from pydantic import BaseModel
 
 from synth.teachers.cache import ResponseCache
-from synth.errors import DistillError
+from synth.errors import ConfigError, DistillError
 from synth.generators.base import Generator, ReasoningMode
 from synth.io import read_jsonl
 from synth.journal import JournalError, TaskJournal
@@ -29,9 +29,22 @@ from synth.progress import JobCounts, ProgressLine
 from synth.runner import Runner
 from synth.teachers import TeacherSettings, build_teacher
 from synth.teachers.base import Teacher
+from synth.teachers.budget import Budget
 from synth.teachers.cached import CachedTeacher
 
 CacheMode = Literal["use", "refresh", "off"]
+
+
+class BudgetStop(DistillError):
+    """Requests were held back so as not to pass --budget-usd; what was answered is written and cached."""
+
+
+def _budget_message(budget: Budget, not_sent: int, output: Path | None) -> str:
+    written = f"what was answered is in {output} and its rejects" if output is not None else "nothing was answered"
+    return (
+        f"stopped on budget: ${budget.spent:.4f} of ${budget.limit:g} spent, {not_sent} requests not sent (rejects with reason "
+        f"'budget'); {written}; rerun with a larger --budget-usd to send the rest (answers received are cached and cost nothing)"
+    )
 
 
 class TeacherUnavailable(DistillError):
@@ -132,6 +145,21 @@ class RunSettings:
     restart: bool = False
     #: What SFT records do with a reasoning teacher's thinking (see synth.generators.base.ReasoningMode).
     reasoning: ReasoningMode = "keep"
+    #: The most the command may spend (USD), over all its stages and teachers; None: no cap.
+    budget_usd: float | None = None
+
+
+#: Each command's spending tracker, by its RunSettings (kept alive here, so an id is never reused).
+_budgets: dict[int, tuple[RunSettings, Budget]] = {}
+
+
+def budget_of(settings: RunSettings) -> Budget | None:
+    """The spending tracker shared by every job run with these settings (a pipeline's stages, label's teachers)."""
+    if settings.budget_usd is None:
+        return None
+    if id(settings) not in _budgets:
+        _budgets[id(settings)] = (settings, Budget(settings.budget_usd))
+    return _budgets[id(settings)][1]
 
 
 #: A job's inputs: a JSON Lines file (validated against the generator's input model), or a
@@ -178,8 +206,12 @@ def run_job(
         job.update(task.id.encode() + task.request.model_dump_json().encode())
         total += 1
 
+    budget = budget_of(settings)
+    if budget is not None and teacher.prices.cost(1, 1) is None:
+        raise ConfigError(f"--budget-usd needs the teacher's prices: set price_per_mtok_in and price_per_mtok_out in its file ({teacher.spec})")
+    refused_before = budget.refused if budget is not None else 0
     cache = open_cache(settings.cache_dir, settings.cache_mode)
-    cached = CachedTeacher(teacher, cache)
+    cached = CachedTeacher(teacher, cache, budget)
     stats_before = replace(teacher.stats)
     job.update(json.dumps(cached.cache_identity(), sort_keys=True, default=str).encode())
     journal = TaskJournal(output, job.hexdigest()[:24])
@@ -213,16 +245,21 @@ def run_job(
                 raise runner.write_error
         if runner.stopping:
             raise KeyboardInterrupt  # the journal holds every finished task; the CLI says how to resume
+        not_sent = budget.refused - refused_before if budget is not None else 0
         if counts.failed and counts.failed == counts.done and not counts.skipped:
             if not recovered:
                 # The journal holds failures only (a rerun retries them anyway): leave no partial file behind.
                 journal.close()
                 journal.path.unlink(missing_ok=True)
+            if not_sent:
+                raise BudgetStop(_budget_message(budget, not_sent, None))
             raise TeacherUnavailable(
                 f"every request to {teacher.spec} failed ({counts.first_error}); nothing was written, rerun to retry"
             )
         with _disk_errors(output, "cannot write the output", cache):
             records, rejected = journal.finalize()
+        if not_sent:
+            raise BudgetStop(_budget_message(budget, not_sent, output))
     finally:
         journal.close()
         cache.close()

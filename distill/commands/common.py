@@ -23,7 +23,7 @@ from synth.teachers import SamplingParams, TeacherSettings, TeacherOverrides, pa
 TEACHER_OVERRIDES = ("concurrency", "batch_size", "timeout", "max_retries", "api_key_env")
 
 #: The response-cache flags as recipe keys (`no_cache: true` is `--no-cache`; `cache_mode` is the flags' dest).
-CACHE_KEYS = frozenset({"cache_dir", "no_cache", "refresh", "cache_mode", "restart", "quiet", "reasoning"})
+CACHE_KEYS = frozenset({"cache_dir", "no_cache", "refresh", "cache_mode", "restart", "quiet", "reasoning", "budget_usd"})
 #: What every command that asks a teacher takes besides its own settings: its teacher, their overrides, the cache.
 TEACHER_KEYS = frozenset({"teacher", *TEACHER_OVERRIDES})
 #: Keys that are a bare flag: `--quiet` when true, nothing when false.
@@ -55,6 +55,8 @@ _OVERRIDES = create_model("TeacherOverrideValues", **{k: (f.annotation, f) for k
 
 #: `--limit N`: a count of inputs, so at least 1 (leave the flag out for all of them).
 limit_type = checked_type(int, Field(ge=1))
+#: `--budget-usd X`: a positive, finite number of dollars.
+budget_type = checked_type(float, Field(gt=0, allow_inf_nan=False))
 
 
 def add_io_flags(p: argparse.ArgumentParser) -> None:
@@ -134,6 +136,9 @@ def add_cache_flags(parser: argparse.ArgumentParser) -> None:
                    help="discard what an interrupted run left (OUT.partial, and the stage journals in OUT.work/) "
                    "and start over; cached responses are still used, so answers already received cost nothing")
     g.add_argument("--quiet", action="store_true", help="no progress line")
+    g.add_argument("--budget-usd", type=budget_type, metavar="USD",
+                   help="stop sending requests before what is spent plus what is in flight could pass this (needs the teacher's "
+                   "prices); inputs not sent are rejects with reason 'budget', and a rerun with a larger budget sends them")
     g.add_argument("--reasoning", choices=["keep", "drop", "inline"], default="keep",
                    help="a reasoning teacher's thinking: keep it in each record's 'reasoning' field (default; the answer alone is "
                    "trained on), drop it, or inline it as <think>...</think> before the answer, so a student learns to reason")
@@ -146,10 +151,20 @@ def run_settings(values: dict) -> RunSettings:
     try:
         return RunSettings(
             cache_dir=values.get("cache_dir"), cache_mode=mode, progress=not values.get("quiet"), restart=bool(values.get("restart")),
-            reasoning=values.get("reasoning") or "keep",
+            reasoning=values.get("reasoning") or "keep", budget_usd=_budget_value(values.get("budget_usd")),
         )
     except ValidationError as exc:  # a recipe's `reasoning: maybe`
         raise ConfigError(describe_errors(exc, {"reasoning"})) from None
+
+
+def _budget_value(value: Any) -> float | None:
+    """A recipe's `budget_usd:` checked as the flag is (a positive number of dollars)."""
+    if value is None:
+        return None
+    try:
+        return budget_type(str(value))
+    except (argparse.ArgumentTypeError, ValueError) as exc:
+        raise ConfigError(f"budget_usd: {exc}") from None
 
 
 def _named_files(values: dict) -> list[Path]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from synth.teachers.budget import Budget, BudgetReached, worst_case
 from synth.teachers.cache import ResponseCache, request_fingerprint, sample_key
 from synth.redact import redact
 from synth.teachers.base import Capabilities, ChatRequest, ChatResponse, Completion, Teacher, TeacherError, Usage
@@ -21,8 +22,9 @@ class CacheStats:
 class CachedTeacher(Teacher):
     """Wraps a teacher: cached samples come from SQLite; the rest are requested and committed on arrival."""
 
-    def __init__(self, inner: Teacher, cache: ResponseCache):
+    def __init__(self, inner: Teacher, cache: ResponseCache, budget: Budget | None = None):
         super().__init__(inner.model)
+        self.budget = budget
         self.inner = inner
         self.cache = cache
         self.backend = inner.backend
@@ -83,7 +85,7 @@ class CachedTeacher(Teacher):
         fetched: dict[str, tuple[Completion, int]] = {}
         failed: dict[int, TeacherError] = {}
         if subrequests:
-            results = await self.inner.generate(subrequests)
+            results = await self._send(subrequests)
             to_store = []
             for (ri, pos), result in zip(owners, results):
                 if isinstance(result, TeacherError):
@@ -117,6 +119,25 @@ class CachedTeacher(Teacher):
             )
             out.append(ChatResponse(completions=completions, usage=usage, model=self.model, cached=cached))
         return out
+
+    async def _send(self, subrequests: list[ChatRequest]) -> list[ChatResponse | TeacherError]:
+        """The inner teacher's answers; with a budget, only the requests whose worst case still fits are sent."""
+        if self.budget is None:
+            return await self.inner.generate(subrequests)
+        holds = [worst_case(r, self.prices) for r in subrequests]
+        sent = [i for i, hold in enumerate(holds) if self.budget.reserve(hold)]
+        results: list[ChatResponse | TeacherError] = [BudgetReached(self.budget.reason()) for _ in subrequests]
+        try:
+            answers = await self.inner.generate([subrequests[i] for i in sent]) if sent else []
+        except BaseException:
+            for i in sent:
+                self.budget.settle(holds[i], 0.0)
+            raise
+        for i, answer in zip(sent, answers):
+            cost = 0.0 if isinstance(answer, TeacherError) else self.prices.cost(answer.usage.prompt_tokens, answer.usage.completion_tokens)
+            self.budget.settle(holds[i], cost or 0.0)
+            results[i] = answer
+        return results
 
     async def capabilities(self) -> Capabilities:
         """The inner teacher's capabilities (never cached: it is a live probe)."""
