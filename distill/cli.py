@@ -9,7 +9,7 @@ import traceback
 from pathlib import Path
 from typing import NoReturn
 
-from synth.errors import DistillError
+from synth.errors import DistillError, DryRun
 from synth.redact import redact
 from synth.teachers.base import TeacherError
 
@@ -80,6 +80,9 @@ def report_error(exc: BaseException, debug: bool = False) -> int:
     if isinstance(exc, KeyboardInterrupt):
         print("interrupted: finished work is saved; rerun the same command to resume", file=sys.stderr)
         return 130
+    if isinstance(exc, DryRun):
+        print(str(exc))
+        return 0
     if debug:
         print(redact(traceback.format_exc()), end="", file=sys.stderr)
     print(redact(f"error: {describe_exception(exc, debug)}"), file=sys.stderr)

@@ -13,6 +13,10 @@ class ConfigError(DistillError):
     """A bad config, recipe, flag or teacher spec."""
 
 
+class DryRun(DistillError):
+    """--dry-run: the estimate is printed and nothing was sent (exit code 0)."""
+
+
 def describe_validation_error(exc, noun: str = "field") -> str:
     """A pydantic ValidationError as `field 'a.b': message; field 'c': message`."""
     parts = []

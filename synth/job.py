@@ -19,7 +19,8 @@ from typing import Callable, Iterable, Iterator, Literal, Union
 from pydantic import BaseModel
 
 from synth.teachers.cache import ResponseCache
-from synth.errors import ConfigError, DistillError
+from synth.errors import ConfigError, DistillError, DryRun
+from synth.estimate import Estimate
 from synth.generators.base import Generator, ReasoningMode
 from synth.io import read_jsonl
 from synth.journal import JournalError, TaskJournal
@@ -147,6 +148,8 @@ class RunSettings:
     reasoning: ReasoningMode = "keep"
     #: The most the command may spend (USD), over all its stages and teachers; None: no cap.
     budget_usd: float | None = None
+    #: Print the estimate and send nothing (a pipeline: its first stage's).
+    dry_run: bool = False
 
 
 #: Each command's spending tracker, by its RunSettings (kept alive here, so an id is never reused).
@@ -201,9 +204,11 @@ def run_job(
     # A bad line, or a template that does not fit one, fails the job before any teacher call or output.
     # The job is what it asks of whom: every task's id and request, then the teacher (below).
     total, job = 0, hashlib.sha256(f"{type(generator).__qualname__}:{settings.reasoning}:{parser_code(generator)}".encode())
+    estimate, identity = Estimate(), teacher.cache_identity()
     for where, item in items():
         task = generator.make_task(item, where)
         job.update(task.id.encode() + task.request.model_dump_json().encode())
+        estimate.add(identity, task.request)
         total += 1
 
     budget = budget_of(settings)
@@ -211,6 +216,12 @@ def run_job(
         raise ConfigError(f"--budget-usd needs the teacher's prices: set price_per_mtok_in and price_per_mtok_out in its file ({teacher.spec})")
     refused_before = budget.refused if budget is not None else 0
     cache = open_cache(settings.cache_dir, settings.cache_mode)
+    if settings.progress or settings.dry_run:
+        estimate.settle(cache.present(estimate.all_keys()))
+        print(estimate.line(label, teacher.prices), file=sys.stderr, flush=True)
+    if settings.dry_run:
+        cache.close()
+        raise DryRun(f"dry run: nothing was sent ({label}{'; later stages depend on its answers' if not isinstance(source, (str, Path)) else ''})")
     cached = CachedTeacher(teacher, cache, budget)
     stats_before = replace(teacher.stats)
     job.update(json.dumps(cached.cache_identity(), sort_keys=True, default=str).encode())

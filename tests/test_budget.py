@@ -66,3 +66,26 @@ def test_the_worst_case_covers_the_prompt_and_every_samples_max_tokens():
     assert budget.reserve(0.6) and not budget.reserve(0.5) and budget.refused == 1
     budget.settle(0.6, 0.2)
     assert budget.reserve(0.5) and round(budget.spent, 6) == 0.2
+
+
+def test_the_estimate_comes_first_and_dry_run_sends_and_writes_nothing(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"prompt": f"question number {i}"}) + "\n" for i in range(6)))
+    out, cache = tmp_path / "out.jsonl", tmp_path / "cache"
+    with fault_server() as server:
+        teacher = tmp_path / "teacher.yaml"
+        teacher.write_text(f"backend: openai\nmodel: m\nbase_url: {server.base_url}\nprice_per_mtok_in: 1000\nprice_per_mtok_out: 2000\n")
+        args = ["generate", "--teacher", str(teacher), "--input", str(inp), "--output", str(out), "-n", "2", "--max-tokens", "16"]
+        dry = distill(*args, "--dry-run", cache=cache)
+        assert dry.returncode == 0 and "dry run: nothing was sent" in dry.stdout
+        assert "estimate for generate: 12 samples to ask for (0 in the cache)" in dry.stderr
+        assert "at most 192 completion tokens" in dry.stderr  # 12 samples x max_tokens 16
+        bound = float(dry.stderr.split("at most $")[1].split()[0])
+        assert server.received == 0 and not out.exists() and not out.with_name("out.jsonl.partial").exists()
+        real = distill(*args, cache=cache)
+        assert real.returncode == 0, real.stderr
+        assert real.stderr.index("estimate for generate") < real.stderr.index("generate 6/6 tasks"), "before the first request"
+        paid = float(real.stdout.split(", $")[1].split()[0])
+        assert 0 < paid <= bound, "the bound is never below what was paid"
+        again = distill(*args, "--dry-run", cache=cache)
+        assert "0 samples to ask for (12 in the cache)" in again.stderr and "at most $0.0000" in again.stderr

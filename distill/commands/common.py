@@ -23,11 +23,11 @@ from synth.teachers import SamplingParams, TeacherSettings, TeacherOverrides, pa
 TEACHER_OVERRIDES = ("concurrency", "batch_size", "timeout", "max_retries", "api_key_env")
 
 #: The response-cache flags as recipe keys (`no_cache: true` is `--no-cache`; `cache_mode` is the flags' dest).
-CACHE_KEYS = frozenset({"cache_dir", "no_cache", "refresh", "cache_mode", "restart", "quiet", "reasoning", "budget_usd"})
+CACHE_KEYS = frozenset({"cache_dir", "no_cache", "refresh", "cache_mode", "restart", "quiet", "reasoning", "budget_usd", "dry_run"})
 #: What every command that asks a teacher takes besides its own settings: its teacher, their overrides, the cache.
 TEACHER_KEYS = frozenset({"teacher", *TEACHER_OVERRIDES})
 #: Keys that are a bare flag: `--quiet` when true, nothing when false.
-SWITCHES = frozenset({"no_cache", "refresh", "restart", "quiet", "overwrite", "keep_truncated"})
+SWITCHES = frozenset({"no_cache", "refresh", "restart", "quiet", "overwrite", "keep_truncated", "dry_run"})
 
 
 @dataclass(frozen=True)
@@ -136,6 +136,8 @@ def add_cache_flags(parser: argparse.ArgumentParser) -> None:
                    help="discard what an interrupted run left (OUT.partial, and the stage journals in OUT.work/) "
                    "and start over; cached responses are still used, so answers already received cost nothing")
     g.add_argument("--quiet", action="store_true", help="no progress line")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print what the job would ask for and cost at most, and send nothing (a multi-stage command: its first stage)")
     g.add_argument("--budget-usd", type=budget_type, metavar="USD",
                    help="stop sending requests before what is spent plus what is in flight could pass this (needs the teacher's "
                    "prices); inputs not sent are rejects with reason 'budget', and a rerun with a larger budget sends them")
@@ -152,6 +154,7 @@ def run_settings(values: dict) -> RunSettings:
         return RunSettings(
             cache_dir=values.get("cache_dir"), cache_mode=mode, progress=not values.get("quiet"), restart=bool(values.get("restart")),
             reasoning=values.get("reasoning") or "keep", budget_usd=_budget_value(values.get("budget_usd")),
+            dry_run=bool(values.get("dry_run")),
         )
     except ValidationError as exc:  # a recipe's `reasoning: maybe`
         raise ConfigError(describe_errors(exc, {"reasoning"})) from None

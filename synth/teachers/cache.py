@@ -112,6 +112,18 @@ class ResponseCache:
                 self._db.execute("ROLLBACK")
                 raise
 
+    def present(self, keys: Sequence[str]) -> set[str]:
+        """Which of `keys` the cache holds (nothing when it is not read)."""
+        if not self.read or not keys:
+            return set()
+        found: set[str] = set()
+        with self._lock:
+            for start in range(0, len(keys), 500):
+                chunk = list(keys[start : start + 500])
+                marks = ",".join("?" * len(chunk))
+                found.update(row[0] for row in self._db.execute(f"SELECT key FROM samples WHERE key IN ({marks})", chunk))
+        return found
+
     def count(self) -> int:
         """Number of samples stored."""
         with self._lock:
