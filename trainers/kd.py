@@ -5,9 +5,12 @@ over the teacher's top-k support plus one tail bucket (trainers/kd_loss.py defin
 exactly). The soft labels ride inside each row through TRL's data pipeline
 (trainers/kd_data.py), so they stay aligned under shuffling, gradient accumulation and
 several GPUs. The student must share the teacher's tokenizer; it is checked by vocabulary
-hash, and every row by comparing the student's tokenization with the teacher's tokens.
+hash (soft labels that name no tokenizer need --teacher-tokenizer or --token-strings-only),
+and every row by comparing the student's tokenization with the teacher's tokens. A student
+whose chat template renders the prompts unlike the teacher's gets a warning.
 The loss is computed from hidden states in chunks of labelled tokens (trainers/kd_chunked.py),
-so no (batch, length, vocabulary) logits exist; chunk_size 0 uses full logits instead.
+so no (batch, length, vocabulary) logits exist, for the architectures whose output layer it
+knows (others, and chunk_size 0, use full logits).
 """
 
 from __future__ import annotations
@@ -22,7 +25,15 @@ from synth.errors import ConfigError
 from trainers import sft
 from trainers.common import load_tokenizer, resolve_model, train_and_save
 from trainers.kd_chunked import SUMS, patch_kd_forward
-from trainers.kd_data import KD_COLUMNS, KDCollator, as_prompt_completion, attach_soft_labels, check_tokenizer, read_soft_labels
+from trainers.kd_data import (
+    KD_COLUMNS,
+    KDCollator,
+    as_prompt_completion,
+    attach_soft_labels,
+    check_tokenizer,
+    prompt_rendering_warning,
+    read_soft_labels,
+)
 from trainers.kd_loss import sparse_divergence
 from trainers.settings import KDSettings, TrainResult, require_data
 
@@ -123,9 +134,13 @@ class KDTrainer(SFTTrainer):
 def build_trainer(config: KDSettings):
     """(KDTrainer, tokenizer, note): SFT's trainer built with the KD subclass, after the tokenizer check."""
     tokenizer = load_tokenizer(resolve_model(config.model, config.trust_remote_code), config)
-    soft = read_soft_labels(require_data(config), tokenizer, config.max_length)
-    note = check_tokenizer(tokenizer, soft.tokenizers, config.teacher_tokenizer)
+    data = require_data(config)
+    soft = read_soft_labels(data, tokenizer, config.max_length)
+    note = check_tokenizer(tokenizer, soft, data, config.teacher_tokenizer, config.token_strings_only)
     log.info("KD tokenizer check: %s", note)
+    warning = prompt_rendering_warning(tokenizer, soft, config.teacher_tokenizer)
+    if warning:
+        log.warning(warning)
     cls = functools.partial(KDTrainer, kd=config, soft=soft)
     # TRL's default chunked_nll hides the logits the divergence reads: KD chunks its own loss (trainers/kd_chunked.py).
     trainer, tokenizer = sft.build_trainer(config, trainer_class=cls, extra_args={"loss_type": "nll"})

@@ -14,7 +14,13 @@ other rows are skipped and counted, and if none is left the error says why.
 HTTP backends store candidate token strings without ids: each is mapped to the student
 token that decodes to exactly that string. Strings no single token decodes to (partial
 UTF-8 bytes, ambiguous pieces) are dropped from the candidates, so their probability
-mass lands in the tail bucket instead of being lost or misassigned.
+mass lands in the tail bucket instead of being lost or misassigned. Their records name
+the tokenizer the teacher file's `tokenizer:` gives; records that name none are refused
+unless --teacher-tokenizer names it or --token-strings-only accepts the strings alone.
+
+A student whose chat template renders the prompts unlike the teacher (another default
+system prompt, other special tokens) gets a one-line warning: the soft labels align on
+the completion, but the student would learn them after a context the teacher never saw.
 """
 
 from __future__ import annotations
@@ -34,13 +40,16 @@ from transformers import AutoTokenizer
 
 from synth.errors import ConfigError, InputError
 from synth.io import load_records
-from synth.teachers.embedded import EMBEDDED_TOKENIZER_NAME
+from synth.paths import cache_home
+from synth.teachers.embedded import EMBEDDED_MODEL_NAME, EMBEDDED_TOKENIZER_NAME
 
 KD_COLUMNS = ["kd_start", "kd_ids", "kd_logprobs"]
 #: The skip reason of a row whose text was cut inside a multi-byte character (saved with U+FFFD by older versions or a server).
 CUT_CHARACTER = "cut inside a multi-byte character"
 #: Tokenizers we know by vocabulary hash, so a student is checked against them without their files.
 KNOWN_VOCABS = {EMBEDDED_TOKENIZER_NAME: "1e1f19caccf1afb4"}
+#: Prompts whose rendering by the student's chat template is compared with the teacher's.
+PROMPT_SAMPLES = 8
 
 
 def vocab_fingerprint(tokenizer) -> str:
@@ -50,18 +59,29 @@ def vocab_fingerprint(tokenizer) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def check_tokenizer(tokenizer, recorded: set[str | None], teacher_tokenizer: str | None = None) -> str:
+def check_tokenizer(tokenizer, table: SoftTable, path: Path | str, teacher_tokenizer: str | None = None,
+                    token_strings_only: bool = False) -> str:  # fmt: skip
     """Refuse a student whose vocabulary differs from the teacher's; say how the match was established.
 
     A derived student carries its teacher's tokenizer files under another directory name,
-    so names are not compared: vocabulary hashes are.
+    so names are not compared: vocabulary hashes are. Soft labels that name no tokenizer
+    (an HTTP teacher whose file has no `tokenizer:`) are refused unless --teacher-tokenizer
+    names it or --token-strings-only says the token strings are enough.
     """
-    named = sorted(n for n in recorded if n)
+    named = sorted(n for n in table.tokenizers if n)
     if len(named) > 1:
         raise InputError(f"the soft labels come from several tokenizers ({', '.join(named)}); KD needs one teacher vocabulary")
+    if table.nameless and not teacher_tokenizer and not token_strings_only:
+        raise ConfigError(
+            f"{path}: the soft labels of {table.nameless} of {table.labelled} records name no tokenizer (an HTTP teacher), so the "
+            "student's vocabulary cannot be checked against the teacher's; set `tokenizer:` in the teacher file and label again, "
+            "pass --teacher-tokenizer DIR, or pass --token-strings-only to map each candidate token string to the student's "
+            "vocabulary and skip the rows whose tokens do not match"
+        )
     source = teacher_tokenizer or (named[0] if named else None)
     if source is None:
-        return "the records name no tokenizer (an HTTP teacher): each row is checked against the student's tokenization"
+        return ("the records name no tokenizer and --token-strings-only is set: candidate strings are mapped to the student's "
+                "vocabulary and each row is checked against the student's tokenization")  # fmt: skip
     mine = vocab_fingerprint(tokenizer)
     if source == "embedded":
         source = EMBEDDED_TOKENIZER_NAME
@@ -102,7 +122,12 @@ class SoftTable:
     rows: dict[str, SoftRow] = field(default_factory=dict)
     tokenizers: set[str | None] = field(default_factory=set)
     records: int = 0
+    labelled: int = 0  # records with soft labels
+    nameless: int = 0  # of which name no tokenizer
+    systemless: int = 0  # of which have a chat prompt without a system message
     unmapped: int = 0  # candidate strings no single student token decodes to
+    teachers: set[str] = field(default_factory=set)  # provenance.teacher of the labelled records
+    prompts: list[tuple[str, list[dict]]] = field(default_factory=list)  # (id, chat prompt) of the first labelled ones
 
 
 def token_pieces(tokenizer) -> list[str]:
@@ -145,12 +170,120 @@ def read_soft_labels(path: Path, tokenizer, max_positions: int) -> SoftTable:
             raise InputError(f"{path}: two records share the id {record.id} but not their soft labels; ids must be unique")
         table.rows[record.id] = row
         table.tokenizers.add(soft.tokenizer)
+        table.labelled += 1
+        table.nameless += soft.tokenizer is None
+        table.teachers.add(record.provenance.teacher)
+        prompt = _chat_prompt(record)
+        if prompt is not None:
+            table.systemless += not prompt or prompt[0]["role"] != "system"
+            if len(table.prompts) < PROMPT_SAMPLES:
+                table.prompts.append((record.id, prompt))
     if not table.rows:
         raise InputError(
             f"{path}: no record has soft_labels (the teacher's top-k logprobs); generate with --logprobs K "
             "from a teacher that returns them, or train on the text with `distill train sft`"
         )
     return table
+
+
+def _chat_prompt(record) -> list[dict] | None:
+    """The chat turns before the answer the record's soft labels describe; None for a plain-text prompt."""
+    if record.messages is not None:
+        return [m.model_dump() for m in record.messages[:-1]]
+    if isinstance(record.prompt, list):
+        return [m.model_dump() for m in record.prompt]
+    return None
+
+
+def render_prompt(tokenizer, messages: list[dict]) -> str | None:
+    """The text a chat template makes of `messages` up to the answer (what the model sees before it), or None."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 - a template that refuses these roles: nothing to compare
+        return None
+
+
+def default_system_prompt(tokenizer, messages: list[dict]) -> str | None:
+    """The system prompt the chat template adds to `messages` (which have none), or None if it adds none.
+
+    Found by rendering them as they are and with a system message of our own, then removing
+    ours: where the template injects a default (Qwen2.5's "You are Qwen, ..."), the first
+    rendering is the second with that default inserted at one place.
+    """
+    mark = "\u2063kd-system\u2063"
+    bare = render_prompt(tokenizer, messages)
+    own = render_prompt(tokenizer, [{"role": "system", "content": mark}, *messages])
+    if bare is None or own is None or mark not in own:
+        return None
+    own = own.replace(mark, "")
+    if len(bare) <= len(own):  # ours adds a system turn: the template adds none of its own
+        return None
+    start = next((i for i, (a, b) in enumerate(zip(bare, own)) if a != b), len(own))
+    end = 0
+    while end < len(own) - start and bare[len(bare) - 1 - end] == own[len(own) - 1 - end]:
+        end += 1
+    if start + end != len(own):
+        return None
+    extra = bare[start : len(bare) - end].strip()
+    return extra if any(c.isalnum() for c in extra) else None
+
+
+def _teacher_chat_tokenizer(source: str):
+    """The teacher's tokenizer with a chat template, where its files are on this machine without converting anything; else None."""
+    if source in ("embedded", EMBEDDED_TOKENIZER_NAME):
+        directory = cache_home() / "models" / EMBEDDED_MODEL_NAME  # converted already by the teacher or an embedded student
+    else:
+        directory = Path(source).expanduser()
+    if not (directory / "tokenizer_config.json").is_file():
+        return None
+    try:
+        tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except Exception:  # noqa: BLE001 - a warning's input, never a reason to stop
+        return None
+    return tok if getattr(tok, "chat_template", None) else None
+
+
+def prompt_rendering_warning(tokenizer, table: SoftTable, teacher_tokenizer: str | None = None) -> str | None:
+    """One line saying how the student's chat template renders the records' prompts unlike the teacher, or None.
+
+    KD aligns the soft labels on the completion tokens only: a student whose template renders
+    the prompt differently (another default system prompt, other special tokens) learns the
+    teacher's distributions after a context the teacher never saw. What is cheap to detect:
+    with the teacher's tokenizer files here (a directory the records or --teacher-tokenizer
+    name, or the converted embedded model), the first prompts rendered by both templates;
+    when the records name no tokenizer (an HTTP teacher), whether the student's template adds
+    a default system prompt to prompts that have none.
+    """
+    if not table.prompts:
+        return None
+    named = sorted(n for n in table.tokenizers if n)
+    source = teacher_tokenizer or (named[0] if len(named) == 1 else None)
+    teachers = ", ".join(sorted(table.teachers)) or "unknown"
+    if source is not None:
+        teacher = _teacher_chat_tokenizer(source)
+        if teacher is None:  # its template is not here (the student's own tokenizer name, or embedded not converted)
+            return None
+        for record_id, prompt in table.prompts:
+            theirs, mine = render_prompt(teacher, prompt), render_prompt(tokenizer, prompt)
+            if theirs is None or mine is None or theirs == mine:
+                continue
+            at = next((i for i, (a, b) in enumerate(zip(theirs, mine)) if a != b), min(len(theirs), len(mine)))
+            at = max(theirs.rfind("\n", 0, at) + 1, at - 30)  # from the start of that line, where short
+            return (f"KD: the student's chat template renders the prompts unlike the teacher's tokenizer ({source}): record {record_id} "
+                    f"differs from character {at}: teacher {theirs[at : at + 60]!r}, student {mine[at : at + 60]!r}; the soft labels "
+                    "still align on the completion, but the student learns them after a context the teacher never saw")  # fmt: skip
+        return None
+    prompt = next((p for _, p in table.prompts if not p or p[0]["role"] != "system"), None)
+    default = default_system_prompt(tokenizer, prompt) if prompt is not None else None
+    if default is None:
+        return None
+    shown = default if len(default) <= 80 else default[:77] + "..."
+    return (f"KD: the student's chat template ({tokenizer.name_or_path}) adds the default system prompt {shown!r} to prompts "
+            f"without one ({table.systemless} of {table.labelled} records); the teacher ({teachers}) rendered them with a template "
+            "KD cannot see (--teacher-tokenizer DIR compares them): if it added no such prompt, the student learns the soft labels "
+            "after a context the teacher never saw")  # fmt: skip
 
 
 def _unique_pieces(pieces: list[str]) -> dict[str, int]:

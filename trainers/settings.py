@@ -122,6 +122,11 @@ class KDSettings(SFTSettings):
     teacher_tokenizer: str | None = Field(
         None, description="The teacher's tokenizer directory (or 'embedded'), when the records name none or a name not on this machine."
     )
+    token_strings_only: bool = Field(
+        False,
+        description="Accept soft labels that name no tokenizer (an HTTP teacher without `tokenizer:`): map each candidate token "
+        "string to the student's vocabulary and skip the rows whose tokens do not match.",
+    )
 
     @model_validator(mode="after")
     def _aligned_rows(self) -> "KDSettings":
