@@ -23,6 +23,12 @@ from synth.teachers.config import TeacherSettings, TeacherOverrides, parse_teach
 def build_teacher(config: TeacherSettings) -> Teacher:
     """Build the teacher a config describes, carrying its prices; heavy backends are imported only when asked for."""
     teacher: Teacher
+    if config.backend == "openai" and config.batch:
+        from synth.teachers.batch import BatchTeacher, batch_prices
+
+        teacher = BatchTeacher(config)
+        teacher.prices = batch_prices(config)  # what a batch costs: the prices times batch_discount
+        return teacher
     if config.backend == "openai":
         from synth.teachers.openai_api import OpenAITeacher
 

@@ -67,6 +67,27 @@ class TeacherSettings(BaseModel):
     )
     price_per_mtok_in: float | None = Field(None, ge=0, description="Cost estimate: price per million prompt tokens.")
     price_per_mtok_out: float | None = Field(None, ge=0, description="Cost estimate: price per million completion tokens.")
+    batch: bool = Field(
+        False,
+        description="openai: send the requests through the provider's Batch API (upload, poll, download; cheaper, "
+        "slower) instead of one HTTP request each; answers go to the same response cache (see synth/teachers/batch.py).",
+    )
+    batch_max_requests: int = Field(50_000, ge=1, description="batch: most requests in one batch (OpenAI's limit: 50,000).")
+    batch_max_bytes: int = Field(200_000_000, ge=1024, description="batch: largest request file of one batch (OpenAI's limit: 200 MB).")
+    batch_poll_interval: float = Field(60.0, gt=0, description="batch: seconds between two looks at a batch in progress.")
+    batch_max_attempts: int = Field(
+        3, ge=1, description="batch: batches one request may go through (a failed or expired request goes into a new one) before it is a reject."
+    )
+    batch_fallback: Literal["batch", "online"] = Field(
+        "batch", description="batch: where requests that failed or expired in a batch go: a new batch, or the online API (full price)."
+    )
+    batch_discount: float = Field(
+        0.5, ge=0, le=1, description="batch: the batch price as a share of price_per_mtok_in/out (OpenAI: half price); used by estimates, costs and --budget-usd."
+    )
+    batch_completion_window: str = Field("24h", description="batch: the completion window asked for (OpenAI accepts only 24h).")
+    batch_state_dir: str | None = Field(
+        None, description="batch: where the ids of submitted batches are kept (default: beside the response cache, $BBD_RESPONSE_CACHE)."
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -84,6 +105,14 @@ class TeacherSettings(BaseModel):
     def _one_way_to_name_endpoints(self) -> "TeacherSettings":
         if self.base_url and self.base_urls:
             raise ValueError("give base_url or base_urls, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_needs_one_openai_endpoint(self) -> "TeacherSettings":
+        if self.batch and self.backend != "openai":
+            raise ValueError("batch: true needs backend: openai (the provider's Batch API)")
+        if self.batch and len(self.base_urls) > 1:
+            raise ValueError("batch: true sends each batch to one endpoint: give base_url, not several base_urls")
         return self
 
     @field_validator("device")
